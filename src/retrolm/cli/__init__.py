@@ -1,0 +1,61 @@
+"""The `retrolm` command line: one Typer app, one module per sub-command group.
+
+Each entry of `COMMAND_MODULES` is a module under `retrolm.cli` exposing
+`register(app: typer.Typer) -> None`; the module stays thin and calls into the library.
+Heavy imports (torch, FAISS, the encoder) happen inside the command functions so that
+`retrolm --help` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from retrolm.errors import RetrolmError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "db",
+)
+
+app = typer.Typer(
+    name="retrolm",
+    help="Retrieval-enhanced language models: build a retrieval database, train RETRO and GPT, "
+    "evaluate them honestly.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"retrolm.cli.{name}").register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a `RetrolmError` becomes one line on stderr and a non-zero exit."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RetrolmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        raise
