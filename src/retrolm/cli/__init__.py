@@ -17,6 +17,7 @@ from retrolm.errors import RetrolmError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "db",
+    "train",
 )
 
 app = typer.Typer(

@@ -1,0 +1,468 @@
+"""The trainer: pretrain a RETRO (or, with no CCA layers, a GPT) on a retrieval database.
+
+One function, `train()`, runs as a single process or under `torchrun` (DDP; the model
+knows nothing of it). Its run directory holds everything needed to resume exactly:
+
+    <out>/checkpoints/step_NNNNNN/  model + optimizer + trainer_state.json (last few kept)
+    <out>/final/                    the finished model (config.json + model.safetensors)
+    <out>/metrics.jsonl, <out>/loss.png
+
+Budget: `tokens` fixes the number of optimizer steps up front. `minutes` measures a few
+steps, converts the time left into a step count once, and from then on behaves like a
+token budget (the LR schedule needs a known length; until the count is fixed the LR
+follows the warm-up and then holds at its peak). The step count is stored in the
+checkpoint, so a resumed `minutes` run keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrolm.errors import RetrolmError
+from retrolm.training import checkpointing as ckpt
+from retrolm.training import distributed
+from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
+from retrolm.training.optimizer import build_optimizer
+from retrolm.training.schedule import LRSchedule, rewarm
+
+# Steps measured to turn a --minutes budget into a step count (after one untimed step).
+_PROBE_STEPS = 3
+# Stand-in schedule length while a --minutes run is still measuring its speed.
+_UNKNOWN_TOTAL = 10**9
+# Settings that change the training trajectory: a resumed run must keep them.
+_TRAJECTORY_FIELDS = (
+    "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+    "weight_decay", "beta1", "beta2", "grad_clip", "k", "retrieval", "exclude_sample_docs",
+    "tokens", "minutes", "bf16", "seed",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `batch_size` is the GLOBAL batch (sequences per optimizer step),
+    whatever the number of processes and accumulation steps."""
+
+    seq_len: int | None = None  # None: the model's context length (max_seq_len)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # None: 5% of the steps, at most 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    k: int = 2
+    retrieval: bool = True
+    exclude_sample_docs: bool = True
+    tokens: int | None = None  # None and no minutes: one pass over the train sequences
+    minutes: float | None = None
+    bf16: bool = False
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    num_workers: int = 0
+    resume: bool = False
+    init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
+    device: str | None = None  # None: cuda if available else cpu
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- model config ---------------------------------------------------------------------------
+
+
+def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval: bool) -> Any:
+    """RetroConfig for `model` (preset name, config.json path, checkpoint dir or RetroConfig).
+
+    Vocabulary size and chunk size come from the database: a preset takes both; an
+    explicit config whose chunk size differs from the database's is refused, because
+    its CCA layers would cut sequences into chunks the neighbours were not retrieved for.
+    """
+    from retrolm.model.config import RetroConfig
+
+    explicit = True
+    if isinstance(model, RetroConfig):
+        config = model
+    else:
+        path = Path(str(model))
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path / "config.json"
+        if path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise RetrolmError(f"model config {path} does not exist; pass a preset name or a config.json")
+            try:
+                config = RetroConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
+                raise RetrolmError(f"cannot read model config {path}: {err}") from err
+        else:
+            config = RetroConfig.from_name(str(model))
+            explicit = False
+    if explicit and config.chunk_size != chunk_size:
+        raise RetrolmError(
+            f"model chunk_size {config.chunk_size} differs from the database chunk size {chunk_size}; "
+            "use a config with the database's chunk size (or a preset, which takes it from the database)"
+        )
+    config = dataclasses.replace(config, vocab_size=vocab_size, chunk_size=chunk_size)
+    if not retrieval:
+        config = config.as_gpt()
+    return config
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    diffs = [
+        f"{name}={saved.get(name)!r} (now {getattr(cfg, name)!r})"
+        for name in _TRAJECTORY_FIELDS
+        if saved.get(name) != getattr(cfg, name)
+    ]
+    if diffs:
+        raise RetrolmError(
+            f"--resume with settings that differ from the checkpoint in {where}: {', '.join(diffs)}; "
+            "rerun with the same settings, or train into a new --out (continued training: init_from)"
+        )
+
+
+def _budget_steps(cfg: TrainConfig, tokens_per_step: int, epoch_sequences: int) -> int:
+    if cfg.tokens is not None:
+        if cfg.tokens <= 0:
+            raise RetrolmError(f"--tokens must be > 0, got {cfg.tokens}")
+        return max(1, math.ceil(cfg.tokens / tokens_per_step))
+    if cfg.minutes is not None:
+        if cfg.minutes <= 0:
+            raise RetrolmError(f"--minutes must be > 0, got {cfg.minutes}")
+        return _UNKNOWN_TOTAL
+    return max(1, epoch_sequences // cfg.batch_size)
+
+
+def _default_warmup(total_steps: int) -> int:
+    """5% of the steps, between 1 and 200."""
+    return min(200, max(1, total_steps // 20))
+
+
+def train(
+    db_path: str | Path,
+    model: Any,
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+) -> Path:
+    """Train `model` on database `db_path` into `out_dir`; return the final checkpoint dir.
+
+    `model`: preset name, config.json path, checkpoint dir, `RetroConfig`, or an
+    `nn.Module` to start from (e.g. a retro-fitted GPT; parameters with
+    requires_grad=False stay frozen). With `cfg.resume`, continue from the newest
+    checkpoint in `out_dir` (or start fresh if there is none; return at once if the run
+    already finished).
+    """
+    cfg = cfg or TrainConfig()
+    if cfg.tokens is not None and cfg.minutes is not None:
+        raise RetrolmError("pass either --tokens or --minutes, not both")
+    dist = distributed.setup(cfg.device)
+    try:
+        return _Run(Path(db_path), model, Path(out_dir), cfg, dist).run()
+    finally:
+        distributed.teardown(dist)
+
+
+class _Run:
+    """State of one training run; `run()` is the loop."""
+
+    def __init__(self, db_path: Path, model: Any, out_dir: Path, cfg: TrainConfig, dist: Any):
+        from retrolm.data import ResumableBatchSampler, RetroDataset
+
+        self.cfg, self.dist, self.out_dir = cfg, dist, out_dir
+        self.db = _open_database(db_path)
+        self.latest = ckpt.latest_checkpoint(out_dir)
+        if self.latest is not None and not cfg.resume:
+            raise RetrolmError(
+                f"{out_dir} already holds checkpoints; pass --resume to continue, or choose a new --out"
+            )
+        saved = ckpt.read_trainer_state(self.latest) if self.latest is not None else None
+        if saved is not None:
+            _check_resume_compatible(saved["train_config"], cfg, self.latest)
+
+        self.module, self.prev_schedule = self._build_model(model, saved)
+        self.config = self.module.config
+        seq_len = cfg.seq_len or int(self.config.max_seq_len)
+        if seq_len > int(self.config.max_seq_len):
+            raise RetrolmError(
+                f"--seq-len {seq_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
+            )
+        self.seq_len = seq_len
+        self.dataset = RetroDataset(
+            self.db, "train", seq_len, k=cfg.k, retrieval=cfg.retrieval,
+            exclude_sample_docs=cfg.exclude_sample_docs,
+        )  # fmt: skip
+        if cfg.batch_size % (cfg.grad_accum * dist.world_size):
+            raise RetrolmError(
+                f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x "
+                f"{dist.world_size} processes"
+            )
+        self.micro_batch = cfg.batch_size // (cfg.grad_accum * dist.world_size)
+        self.tokens_per_step = cfg.batch_size * seq_len
+
+        self.optimizer = build_optimizer(
+            self.module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+        )
+        total = _budget_steps(cfg, self.tokens_per_step, len(self.dataset))
+        # A --minutes run warms up at the slowest default rate until its length is known.
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else _default_warmup(total)
+        if self.prev_schedule is not None or cfg.init_from is not None:
+            self.schedule = rewarm(self.prev_schedule, cfg.lr, total, warmup, cfg.min_lr_ratio)
+        else:
+            self.schedule = LRSchedule(cfg.lr, total, warmup, cfg.min_lr_ratio)
+
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.finished = False
+        if saved is not None:
+            self._restore(saved)
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset), cfg.batch_size, self.micro_batch, dist.rank, dist.world_size,
+            seed=cfg.seed, start=self.samples_seen,
+        )  # fmt: skip
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _build_model(self, model: Any, saved: dict[str, Any] | None) -> tuple[nn.Module, Any]:
+        from retrolm.model.checkpoint import load_model
+        from retrolm.model.retro import Retro
+
+        cfg, db = self.cfg, self.db
+        prev_schedule = None
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
+        if saved is not None:  # resume: architecture and weights from the checkpoint
+            module = load_model(self.latest)
+            prev = saved.get("previous_schedule")
+            prev_schedule = LRSchedule.from_dict(prev) if prev else None
+        elif cfg.init_from is not None:  # continued training from another run
+            source = Path(cfg.init_from)
+            module = load_model(source)
+            state_file = source / ckpt.TRAINER_STATE
+            if state_file.is_file():
+                prev_schedule = LRSchedule.from_dict(ckpt.read_trainer_state(source)["schedule"])
+        elif isinstance(model, nn.Module):
+            module = model
+        else:
+            config = resolve_model_config(model, db.vocab_size, db.chunk_size, cfg.retrieval)
+            module = Retro(config)
+        config = module.config
+        if config.chunk_size != db.chunk_size or config.vocab_size != db.vocab_size:
+            raise RetrolmError(
+                f"model (chunk_size {config.chunk_size}, vocab {config.vocab_size}) does not match the "
+                f"database (chunk_size {db.chunk_size}, vocab {db.vocab_size}); train it on its own database"
+            )
+        if cfg.retrieval and not config.cca_layers:
+            raise RetrolmError("this model has no CCA layers (a GPT); train it with --no-retrieval")
+        torch.manual_seed(cfg.seed + self.dist.rank)  # ranks draw different dropout masks
+        return module.to(self.dist.device), prev_schedule
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        ckpt.load_optimizer_state(self.latest, self.optimizer)
+        self.schedule = LRSchedule.from_dict(saved["schedule"])
+        self.step = int(saved["step"])
+        self.samples_seen = int(saved["samples_seen"])
+        self.tokens_seen = int(saved["tokens_seen"])
+        self.elapsed_before = float(saved.get("elapsed_s", 0.0))
+        self.finished = bool(saved.get("finished", False))
+        states = saved["rng"]
+        rank_state = states[self.dist.rank] if len(states) == self.dist.world_size else states[0]
+        ckpt.set_rng_state(rank_state)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.sampler.position(self.samples_seen),
+            "schedule": self.schedule.to_dict(),
+            "previous_schedule": self.prev_schedule.to_dict() if self.prev_schedule else None,
+            "train_config": self.cfg.to_dict(),
+            "seq_len": self.seq_len,
+            "world_size": self.dist.world_size,
+            "database": str(self.db.path),
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+            "finished": self.finished,
+            "rng": rng,
+        }
+
+    def _save(self, final: bool = False) -> None:
+        rng = distributed.gather_objects(self.dist, ckpt.rng_state())  # every rank takes part
+        if self.dist.is_main:
+            state = self._state(rng)
+            module = _unwrap(self.model)
+            ckpt.save_checkpoint(ckpt.step_dir(self.out_dir, self.step), module, state, self.optimizer)
+            ckpt.prune(self.out_dir, self.cfg.keep_checkpoints)
+            if final:
+                ckpt.save_checkpoint(self.out_dir / ckpt.FINAL, module, state)
+        distributed.barrier(self.dist)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _wrap_model(self) -> nn.Module:
+        model: nn.Module = self.module
+        if self.dist.enabled:
+            device_ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
+        device = self.dist.device
+        tokens = batch["tokens"].to(device, non_blocking=True)  # (b, n)
+        targets = batch["targets"].to(device, non_blocking=True)  # (b, n)
+        neighbours = mask = None
+        if self.cfg.retrieval:
+            neighbours = batch["neighbours"].to(device, non_blocking=True)  # (b, l, k, r)
+            mask = batch["neighbour_mask"].to(device, non_blocking=True)  # (b, l, k, r)
+        no_sync = (
+            self.model.no_sync()
+            if self.dist.enabled and not sync and hasattr(self.model, "no_sync")
+            else contextlib.nullcontext()
+        )
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        with no_sync:
+            with autocast:
+                _, loss = self.model(tokens, neighbours, mask, targets)
+            (loss / self.cfg.grad_accum).backward()
+        return loss.detach().float()
+
+    def _maybe_fix_budget(self, first_step: int, t_probe: float | None) -> float | None:
+        """For --minutes: after the probe steps, turn the time left into a step count."""
+        if self.schedule.total_steps != _UNKNOWN_TOTAL:
+            return t_probe
+        done = self.step - first_step
+        if done == 1:
+            return time.perf_counter()  # the first step (compile, caches) is not timed
+        if done < 1 + _PROBE_STEPS:
+            return t_probe
+        per_step = distributed.max_across(self.dist, (time.perf_counter() - t_probe) / _PROBE_STEPS)
+        elapsed = self.elapsed_before + (time.perf_counter() - self.t_start)
+        elapsed = distributed.max_across(self.dist, elapsed)
+        left = self.cfg.minutes * 60.0 - elapsed
+        total = max(self.step, self.step + int(left // per_step), 1)
+        warmup = self.cfg.warmup_steps
+        if warmup is None:
+            warmup = _default_warmup(total)
+        self.schedule = self.schedule.with_total(total, warmup)
+        if self.monitor is not None:
+            self.monitor.set_total(self.schedule.total_steps)
+        return t_probe
+
+    def run(self) -> Path:
+        cfg, dist = self.cfg, self.dist
+        final_dir = self.out_dir / ckpt.FINAL
+        if self.finished:
+            if dist.is_main and not (final_dir / ckpt.TRAINER_STATE).is_file():
+                import shutil
+
+                shutil.copytree(self.latest, final_dir, ignore=shutil.ignore_patterns(ckpt.OPTIMIZER))
+            distributed.barrier(dist)
+            return final_dir
+        from retrolm.data import make_loader
+
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.out_dir)
+            truncate_metrics(self.out_dir, self.step)
+        self.model = self._wrap_model()
+        self.model.train()
+        known = self.schedule.total_steps != _UNKNOWN_TOTAL
+        self.monitor = (
+            Monitor(self.out_dir, self.schedule.total_steps if known else None, self.step, cfg.progress)
+            if dist.is_main
+            else None
+        )
+        loader = iter(make_loader(self.dataset, self.sampler, cfg.num_workers))
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.t_start = time.perf_counter()
+        first_step, t_probe = self.step, None
+        try:
+            while self.step < self.schedule.total_steps:
+                t0 = time.perf_counter()
+                lr = self.schedule.lr(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=dist.device)
+                for j in range(cfg.grad_accum):
+                    loss_sum += self._forward_backward(next(loader), sync=j == cfg.grad_accum - 1)
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.samples_seen += cfg.batch_size
+                self.tokens_seen += self.tokens_per_step
+                loss = distributed.mean_across(dist, float(loss_sum) / cfg.grad_accum)
+                seconds = time.perf_counter() - t0
+                if self.monitor is not None:
+                    self.monitor.log({
+                        "step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                        "tokens_per_s": self.tokens_per_step / max(seconds, 1e-9),
+                        "grad_norm": grad_norm,
+                        "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start,
+                    })  # fmt: skip
+                if not math.isfinite(loss):
+                    raise RetrolmError(
+                        f"loss became {loss} at step {self.step}; lower --lr or enable gradient clipping"
+                    )
+                if cfg.minutes is not None:
+                    t_probe = self._maybe_fix_budget(first_step, t_probe)
+                if (
+                    cfg.checkpoint_every > 0
+                    and self.step % cfg.checkpoint_every == 0
+                    and self.step < self.schedule.total_steps
+                ):
+                    self._save()
+            self.finished = True
+            self._save(final=True)
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+        if dist.is_main:
+            plot_loss(self.out_dir, title=f"{'RETRO' if cfg.retrieval else 'GPT'} training loss")
+        return final_dir
+
+
+def _open_database(path: Path) -> Any:
+    from retrolm.db.database import RetrievalDB
+
+    if not path.exists():
+        raise RetrolmError(f"database {path} does not exist; build it with `retrolm db build`")
+    return RetrievalDB.open(path)
