@@ -246,10 +246,16 @@ def worker_init(_worker_id: int) -> None:
 def make_loader(
     dataset: RetroDataset, sampler: ResumableBatchSampler, num_workers: int = 0
 ) -> DataLoader:
-    """An endless DataLoader yielding this rank's micro-batches in sampler order."""
+    """An endless DataLoader yielding this rank's micro-batches in sampler order.
+
+    It gets its own torch.Generator: a DataLoader otherwise draws its worker base seed
+    from the global RNG when iteration starts, which would make a resumed run's dropout
+    differ from an uninterrupted one.
+    """
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        generator=torch.Generator().manual_seed(sampler.seed),
         num_workers=num_workers,
         worker_init_fn=worker_init if num_workers > 0 else None,
         persistent_workers=num_workers > 0,

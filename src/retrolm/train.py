@@ -7,10 +7,10 @@ knows nothing of it). Its run directory holds everything needed to resume exactl
     <out>/final/                    the finished model (config.json + model.safetensors)
     <out>/metrics.jsonl, <out>/loss.png
 
-Budget: `tokens` fixes the number of optimizer steps up front. `minutes` measures a few
-steps, converts the time left into a step count once, and from then on behaves like a
-token budget (the LR schedule needs a known length; until the count is fixed the LR
-follows the warm-up and then holds at its peak). The step count is stored in the
+Budget: `tokens` fixes the number of optimizer steps up front. `minutes` times a few
+steps, converts the time left into a step count once (`training.budget`), and from then
+on behaves like a token budget (the LR schedule needs a known length; until the count is
+fixed the LR follows the slowest default warm-up). The step count is stored in the
 checkpoint, so a resumed `minutes` run keeps it.
 """
 
@@ -33,12 +33,11 @@ from torch import nn
 from retrolm.errors import RetrolmError
 from retrolm.training import checkpointing as ckpt
 from retrolm.training import distributed
+from retrolm.training.budget import TimeBudget
 from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
 from retrolm.training.optimizer import build_optimizer
 from retrolm.training.schedule import LRSchedule, rewarm
 
-# Steps measured to turn a --minutes budget into a step count (after one untimed step).
-_PROBE_STEPS = 3
 # Stand-in schedule length while a --minutes run is still measuring its speed.
 _UNKNOWN_TOTAL = 10**9
 # Settings that change the training trajectory: a resumed run must keep them.
@@ -363,27 +362,23 @@ class _Run:
             (loss / self.cfg.grad_accum).backward()
         return loss.detach().float()
 
-    def _maybe_fix_budget(self, first_step: int, t_probe: float | None) -> float | None:
-        """For --minutes: after the probe steps, turn the time left into a step count."""
-        if self.schedule.total_steps != _UNKNOWN_TOTAL:
-            return t_probe
-        done = self.step - first_step
-        if done == 1:
-            return time.perf_counter()  # the first step (compile, caches) is not timed
-        if done < 1 + _PROBE_STEPS:
-            return t_probe
-        per_step = distributed.max_across(self.dist, (time.perf_counter() - t_probe) / _PROBE_STEPS)
-        elapsed = self.elapsed_before + (time.perf_counter() - self.t_start)
-        elapsed = distributed.max_across(self.dist, elapsed)
-        left = self.cfg.minutes * 60.0 - elapsed
-        total = max(self.step, self.step + int(left // per_step), 1)
-        warmup = self.cfg.warmup_steps
-        if warmup is None:
-            warmup = _default_warmup(total)
-        self.schedule = self.schedule.with_total(total, warmup)
-        if self.monitor is not None:
-            self.monitor.set_total(self.schedule.total_steps)
-        return t_probe
+    def _after_step_budget(self, budget: TimeBudget | None) -> None:
+        """For --minutes: fix the step count once the probe is done; stop if far over time."""
+        if budget is None:
+            return
+        if self.schedule.total_steps == _UNKNOWN_TOTAL:
+            total = budget.after_step(self.step)
+            if total is not None:
+                warmup = self.cfg.warmup_steps
+                if warmup is None:
+                    warmup = _default_warmup(total)
+                self.schedule = self.schedule.with_total(total, warmup)
+                if self.monitor is not None:
+                    self.monitor.set_total(total)
+        elif budget.overdue() and self.step < self.schedule.total_steps:
+            if self.monitor is not None:
+                self.monitor.note(f"time budget exceeded by 25%: stopping at step {self.step}")
+            self.schedule = self.schedule.with_total(self.step)
 
     def run(self) -> Path:
         cfg, dist = self.cfg, self.dist
@@ -412,7 +407,7 @@ class _Run:
         loader = iter(make_loader(self.dataset, self.sampler, cfg.num_workers))
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.t_start = time.perf_counter()
-        first_step, t_probe = self.step, None
+        budget = TimeBudget(cfg.minutes, self.elapsed_before, dist) if cfg.minutes else None
         try:
             while self.step < self.schedule.total_steps:
                 t0 = time.perf_counter()
@@ -442,8 +437,7 @@ class _Run:
                     raise RetrolmError(
                         f"loss became {loss} at step {self.step}; lower --lr or enable gradient clipping"
                     )
-                if cfg.minutes is not None:
-                    t_probe = self._maybe_fix_budget(first_step, t_probe)
+                self._after_step_budget(budget)
                 if (
                     cfg.checkpoint_every > 0
                     and self.step % cfg.checkpoint_every == 0

@@ -73,6 +73,10 @@ class Monitor:
         self._bar.total = total_steps
         self._bar.refresh()
 
+    def note(self, message: str) -> None:
+        """A line for the person watching, printed above the bar."""
+        self._bar.write(message, file=sys.stderr)
+
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
