@@ -136,14 +136,19 @@ class RetroDataset(Dataset):
         window = torch.as_tensor(np.asarray(window, dtype=np.int64))
         item = {"tokens": window[:-1].clone(), "targets": window[1:].clone()}
         if self.retrieval:
-            ids = np.array(database.neighbors[self.split][s : s + self.l], dtype=np.int64)  # (l, K)
-            if self.exclude_sample_docs:
-                ids = self._drop_sample_docs(ids, start, start + self.seq_len + 1)
-            ids = first_k_valid(ids, self.k)  # (l, k)
-            neighbours, mask = database.chunks.gather(ids)  # (l, k, r), (l, k, r)
+            neighbours, mask = database.chunks.gather(self.neighbour_ids(index))  # (l, k, r) x2
             item["neighbours"] = torch.as_tensor(np.asarray(neighbours), dtype=torch.int64)
             item["neighbour_mask"] = torch.as_tensor(np.asarray(mask), dtype=torch.bool)
         return item
+
+    def neighbour_ids(self, index: int) -> np.ndarray:
+        """Database chunk ids used as neighbours of sequence `index`: int64 [l, k], -1 = none."""
+        s = index * self.l
+        ids = np.array(self.db.neighbors[self.split][s : s + self.l], dtype=np.int64)  # (l, K)
+        if self.exclude_sample_docs:
+            start = s * self.m
+            ids = self._drop_sample_docs(ids, start, start + self.seq_len + 1)
+        return first_k_valid(ids, self.k)  # (l, k)
 
     def sample_documents(self, start: int, stop: int) -> np.ndarray:
         """Rows of `{split}/docs.npy` whose tokens overlap stream positions [start, stop)."""

@@ -110,7 +110,12 @@ def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval
             except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
                 raise RetrolmError(f"cannot read model config {path}: {err}") from err
         else:
-            config = RetroConfig.from_name(str(model))
+            try:
+                config = RetroConfig.from_name(str(model))
+            except (KeyError, ValueError) as err:
+                raise RetrolmError(
+                    f"unknown model preset {str(model)!r}; pass a preset name or a config.json path"
+                ) from err
             explicit = False
     if explicit and config.chunk_size != chunk_size:
         raise RetrolmError(
