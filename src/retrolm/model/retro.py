@@ -1,0 +1,448 @@
+"""The RETRO model: causal decoder + neighbour encoder + chunked cross-attention (CCA).
+
+With `cca_layers == []`, `retrieval=False` or no neighbours, the CCA residual branches are
+skipped, so the output is exactly the same weights run as a plain GPT.
+
+CCA causality (SPEC §1): with chunk size m, position s >= m-1 attends to the encoded
+neighbours of chunk u = (s+1)//m - 1, i.e. the last token of chunk u and the first m-1
+tokens of chunk u+1 see chunk u's neighbours; positions 0..m-2 get a zero update. The
+neighbours of chunk u are encoded conditioned on the decoder hidden states of chunk u at
+the input of the first CCA (after that block's self-attention).
+
+One code path serves training (`forward`) and incremental decoding (`step` with a
+`RetroCache`); docs/model.md has the step API with a worked example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrolm.errors import RetrolmError
+from retrolm.model.config import RetroConfig
+from retrolm.model.layers import MLP, CrossAttention, LayerKV, Rotary, SelfAttention
+
+# retrieve(chunk_index, chunk_tokens (B, m)) -> (neighbours (B, k, r), mask (B, k, r) | None) | None
+Retriever = Callable[[int, Tensor], "tuple[Tensor, Tensor | None] | None"]
+
+
+@dataclass
+class RetroCache:
+    """Decoding state: tokens so far, per-layer KV, first-CCA inputs, encoded neighbours.
+
+    `rollback(n)` returns to the state after the first n tokens (speculative decoding).
+    """
+
+    batch_size: int
+    chunk_size: int
+    length: int = 0
+    tokens: Tensor | None = None  # (B, capacity) int64
+    kv: list[LayerKV] = field(default_factory=list)
+    hidden: Tensor | None = None  # (B, capacity, C): decoder states at the first CCA input
+    encoded: dict[int, tuple[Tensor, Tensor] | None] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def rollback(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (neighbours of incomplete chunks too)."""
+        if not 0 <= length <= self.length:
+            raise RetrolmError(
+                f"cannot roll the cache back to {length}; it holds {self.length} tokens"
+            )
+        self.length = length
+        for layer in self.kv:
+            layer.length = min(layer.length, length)
+        complete = length // self.chunk_size  # chunks 0..complete-1 are complete at `length`
+        self.encoded = {u: e for u, e in self.encoded.items() if u < complete}
+
+    def token_history(self) -> Tensor:
+        """All tokens fed so far (B, length)."""
+        assert self.tokens is not None
+        return self.tokens[:, : self.length]
+
+    def _write(self, name: str, start: int, values: Tensor) -> Tensor:
+        """Write values (B, t, ...) at [start, start+t) into a growable buffer; return [0, end)."""
+        buf = getattr(self, name)
+        end = start + values.shape[1]
+        if buf is None or end > buf.shape[1]:
+            capacity = max(end, 2 * (buf.shape[1] if buf is not None else 0), 64)
+            new = values.new_zeros(values.shape[0], capacity, *values.shape[2:])
+            if buf is not None:
+                new[:, :start] = buf[:, :start]
+            buf = new
+            setattr(self, name, buf)
+        buf[:, start:end] = values
+        return buf[:, :end]
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: self-attention, (CCA), MLP — each a residual branch."""
+
+    def __init__(self, config: RetroConfig, has_cca: bool):
+        super().__init__()
+        c = config
+        self.norm_attn = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.attn = SelfAttention(c.d_model, c.n_heads, c.dropout)
+        self.norm_cca = nn.RMSNorm(c.d_model, eps=c.norm_eps) if has_cca else None
+        self.cca = (
+            CrossAttention(c.d_model, c.enc_d_model, c.n_heads, c.dropout) if has_cca else None
+        )
+        self.norm_mlp = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.mlp = MLP(c.d_model, c.d_ff, c.mlp)
+        self.drop = nn.Dropout(c.dropout)
+
+
+class EncoderBlock(nn.Module):
+    """Bidirectional block over one neighbour; the first also cross-attends to its chunk."""
+
+    def __init__(self, config: RetroConfig, cross: bool):
+        super().__init__()
+        c, e = config, config.enc_d_model
+        self.norm_attn = nn.RMSNorm(e, eps=c.norm_eps)
+        self.attn = SelfAttention(e, c.enc_heads, c.dropout)
+        self.norm_cross = nn.RMSNorm(e, eps=c.norm_eps) if cross else None
+        self.norm_ctx = nn.RMSNorm(c.d_model, eps=c.norm_eps) if cross else None
+        self.cross = CrossAttention(e, c.d_model, c.enc_heads, c.dropout) if cross else None
+        self.norm_mlp = nn.RMSNorm(e, eps=c.norm_eps)
+        self.mlp = MLP(e, max(8, round(c.d_ff * e / c.d_model / 8) * 8), c.mlp)
+
+
+class NeighbourEncoder(nn.Module):
+    """Encodes each neighbour (r tokens) separately, conditioned on its chunk's decoder states."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        c = config
+        self.proj_in = (
+            nn.Linear(c.d_model, c.enc_d_model, bias=False)
+            if c.enc_d_model != c.d_model
+            else nn.Identity()
+        )
+        self.blocks = nn.ModuleList(EncoderBlock(c, cross=(j == 0)) for j in range(c.enc_layers))
+        self.norm = nn.RMSNorm(c.enc_d_model, eps=c.norm_eps)
+        self.rotary = Rotary(c.enc_d_model // c.enc_heads, c.rope_base)
+
+    def forward(self, emb: Tensor, mask: Tensor, chunk_states: Tensor) -> Tensor:
+        """emb (N, k, r, C) neighbour embeddings, mask (N, k, r), chunk_states (N, m, C) -> (N, k*r, E)."""
+        N, k, r, _ = emb.shape
+        x = self.proj_in(emb).reshape(N * k, r, -1)  # (N*k, r, E)
+        key_mask = mask.reshape(N * k, r)
+        cos, sin = self.rotary(torch.arange(r, device=emb.device), x.dtype)
+        for block in self.blocks:
+            x = x + block.attn(block.norm_attn(x), cos, sin, causal=False, key_mask=key_mask)
+            if block.cross is not None:  # every neighbour token attends to all m chunk states
+                q = block.norm_cross(x).reshape(N, k * r, -1)
+                ctx = block.norm_ctx(chunk_states)
+                x = x + block.cross(q, ctx).reshape(N * k, r, -1)
+            x = x + block.mlp(block.norm_mlp(x))
+        return self.norm(x).reshape(N, k * r, -1)
+
+
+class Retro(nn.Module):
+    """RETRO decoder (a GPT when `config.cca_layers` is empty). See the module docstring."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        cca = {i - 1 for i in c.cca_layers}  # 0-based
+        self.first_cca = min(cca) if cca else -1
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(c, i in cca) for i in range(c.n_layers))
+        self.encoder = NeighbourEncoder(c) if cca else None
+        self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rotary = Rotary(c.d_model // c.n_heads, c.rope_base)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        scaled = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("out.weight", "down.weight")):
+                nn.init.normal_(param, mean=0.0, std=scaled)
+
+    # -- public API ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, T) int64
+        neighbours: Tensor | None = None,  # (B, l, k, r) int64, l = ceil(T/m)
+        neighbour_mask: Tensor | None = None,  # (B, l, k, r) bool, True = real token
+        targets: Tensor | None = None,  # (B, T), -100 = ignore
+        retrieval: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) and the mean cross-entropy over targets != -100 (or None)."""
+        if tokens.dim() != 2:
+            raise RetrolmError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        source = None
+        if retrieval and neighbours is not None and self.encoder is not None:
+            source = self._tensor_source(neighbours, neighbour_mask, B, T)
+        logits = self._run(tokens, 0, None, source)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    def new_cache(self, batch_size: int) -> RetroCache:
+        """An empty decoding cache."""
+        return RetroCache(batch_size, self.config.chunk_size, kv=[LayerKV() for _ in self.blocks])
+
+    @torch.no_grad()
+    def step(
+        self,
+        tokens: Tensor,  # (B, t) int64: the next t tokens (a prompt, one token, or a draft)
+        cache: RetroCache | None = None,
+        retrieve: Retriever | None = None,
+    ) -> tuple[Tensor, RetroCache]:
+        """Feed t new tokens after the cached ones; return their logits (B, t, V) and the cache.
+
+        Whenever a chunk u becomes complete inside these t tokens, the model calls
+        `retrieve(u, chunk_tokens (B, m))` BEFORE the completing token goes through CCA and
+        caches the encoded result; returning None (or retrieve=None) means no neighbours
+        for that chunk (zero CCA update, as a GPT). Roll back with `cache.rollback(n)`.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise RetrolmError(
+                f"step needs tokens of shape (batch, t>=1), got {tuple(tokens.shape)}"
+            )
+        if cache is None:
+            cache = self.new_cache(tokens.shape[0])
+        if tokens.shape[0] != cache.batch_size:
+            raise RetrolmError(
+                f"batch size {tokens.shape[0]} differs from the cache's {cache.batch_size}"
+            )
+        start = cache.length
+        cache._write("tokens", start, tokens)
+        source = self._callback_source(retrieve, cache) if self.encoder is not None else None
+        logits = self._run(tokens, start, cache, source)
+        cache.length = start + tokens.shape[1]
+        return logits, cache
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); optionally without the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward); see retrolm.model.flops."""
+        from retrolm.model.flops import flops_per_token
+
+        return flops_per_token(self.config, seq_len)["train"]
+
+    def save_pretrained(self, path: str) -> None:
+        """Save as a directory: config.json + model.safetensors."""
+        from retrolm.model.checkpoint import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> Retro:
+        """Load a directory written by `save_pretrained`."""
+        from retrolm.model.checkpoint import load_model
+
+        return load_model(path, map_location=map_location)
+
+    # -- neighbour sources ----------------------------------------------------------------
+
+    def _tensor_source(
+        self, neighbours: Tensor, mask: Tensor | None, B: int, T: int
+    ) -> Callable[[int, int, Tensor], tuple[Tensor, Tensor]]:
+        """Neighbours given for all chunks up front (training / evaluation)."""
+        m, r = self.config.chunk_size, self.config.neighbor_len
+        if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != r:
+            raise RetrolmError(
+                f"neighbours must be (batch={B}, chunks, k, r={r}), got {tuple(neighbours.shape)}"
+            )
+        if neighbours.shape[1] < T // m:
+            raise RetrolmError(
+                f"neighbours cover {neighbours.shape[1]} chunks but {T} tokens need {-(-T // m)}"
+            )
+        if mask is not None and mask.shape != neighbours.shape:
+            raise RetrolmError(
+                f"neighbour_mask shape {tuple(mask.shape)} differs from neighbours {tuple(neighbours.shape)}"
+            )
+        if mask is None:
+            mask = torch.ones_like(neighbours, dtype=torch.bool)
+
+        def source(first: int, last: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+            return self._encode(
+                neighbours[:, first : last + 1], mask[:, first : last + 1].bool(), hidden
+            )
+
+        return source
+
+    def _callback_source(
+        self, retrieve: Retriever | None, cache: RetroCache
+    ) -> Callable[[int, int, Tensor], tuple[Tensor, Tensor]]:
+        """Neighbours fetched per completed chunk through the caller's `retrieve` (decoding)."""
+        m, r = self.config.chunk_size, self.config.neighbor_len
+
+        def source(first: int, last: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+            history = cache.tokens
+            assert history is not None
+            states, masks = [], []
+            for u in range(first, last + 1):
+                got = retrieve(u, history[:, u * m : (u + 1) * m]) if retrieve is not None else None
+                if got is None:
+                    cache.encoded[u] = None
+                    states.append(None)
+                    masks.append(None)
+                    continue
+                nb, nb_mask = got
+                if nb.dim() != 3 or nb.shape[0] != cache.batch_size or nb.shape[2] != r:
+                    raise RetrolmError(
+                        f"retrieve() must return neighbours (batch, k, r={r}), got {tuple(nb.shape)}"
+                    )
+                nb_mask = (
+                    torch.ones_like(nb, dtype=torch.bool) if nb_mask is None else nb_mask.bool()
+                )
+                enc, enc_mask = self._encode(
+                    nb[:, None], nb_mask[:, None], hidden[:, u - first, None]
+                )
+                cache.encoded[u] = (enc[:, 0], enc_mask[:, 0])
+                states.append(enc[:, 0])
+                masks.append(enc_mask[:, 0])
+            return _stack_encoded(states, masks, hidden, self.config.enc_d_model)
+
+        return source
+
+    def _encode(self, nb: Tensor, mask: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """nb (B, n, k, r) tokens, mask (B, n, k, r), hidden (B, n, m, C) -> (B, n, k*r, E), (B, n, k*r)."""
+        assert self.encoder is not None
+        B, n, k, r = nb.shape
+        emb = self.tok_emb(nb.long())  # (B, n, k, r, C): the decoder's embedding, shared
+        out = self.encoder(
+            emb.reshape(B * n, k, r, -1),
+            mask.reshape(B * n, k, r),
+            hidden.reshape(B * n, *hidden.shape[2:]),
+        )
+        return out.reshape(B, n, k * r, -1), mask.reshape(B, n, k * r)
+
+    # -- the one forward path ---------------------------------------------------------------
+
+    def _run(
+        self,
+        tokens: Tensor,  # (B, t) new tokens at positions [start, start + t)
+        start: int,
+        cache: RetroCache | None,
+        source: Callable[[int, int, Tensor], tuple[Tensor, Tensor]] | None,
+    ) -> Tensor:
+        B, t = tokens.shape
+        x = self.drop(self.tok_emb(tokens))  # (B, t, C)
+        cos, sin = self.rotary(torch.arange(start, start + t, device=tokens.device), x.dtype)
+        context = None
+        for i, block in enumerate(self.blocks):
+            kv = cache.kv[i] if cache is not None else None
+            x = x + block.drop(block.attn(block.norm_attn(x), cos, sin, causal=True, cache=kv))
+            if i == self.first_cca and (source is not None or cache is not None):
+                context = self._context(x, start, cache, source)
+            if block.cca is not None and context is not None:
+                x = x + block.drop(self._cca(block, x, start, context))
+            x = x + block.drop(block.mlp(block.norm_mlp(x)))
+        return self.lm_head(self.norm(x))  # (B, t, V)
+
+    def _context(
+        self,
+        x: Tensor,  # (B, t, C) decoder states at the first CCA input, positions [start, start+t)
+        start: int,
+        cache: RetroCache | None,
+        source: Callable[[int, int, Tensor], tuple[Tensor, Tensor]] | None,
+    ) -> tuple[Tensor, Tensor, int] | None:
+        """Encode chunks completed by these tokens; return CCA context for the groups they query.
+
+        Returns (states (B, G, S, E), mask (B, G, S), first group) or None when no new
+        position reaches a neighbour (all positions < m-1, or no neighbours anywhere).
+        """
+        m, t = self.config.chunk_size, x.shape[1]
+        end = start + t
+        hidden = cache._write("hidden", start, x) if cache is not None else x  # (B, end, C)
+        first, last = start // m, end // m - 1  # chunks completed at positions in [start, end)
+        fresh: dict[int, tuple[Tensor, Tensor] | None] = {}
+        if last >= first and source is not None:
+            states = hidden[:, first * m : (last + 1) * m].reshape(
+                x.shape[0], last - first + 1, m, -1
+            )
+            enc, enc_mask = source(first, last, states)
+            for u in range(first, last + 1):
+                fresh[u] = (enc[:, u - first], enc_mask[:, u - first])
+        elif last >= first and cache is not None:
+            for u in range(first, last + 1):
+                cache.encoded[u] = None
+        if end < m:
+            return None
+        group_lo = (max(start, m - 1) + 1) // m - 1
+        group_hi = end // m - 1
+        if cache is None:
+            if not fresh:
+                return None
+            enc = torch.stack([fresh[u][0] for u in range(group_lo, group_hi + 1)], 1)
+            enc_mask = torch.stack([fresh[u][1] for u in range(group_lo, group_hi + 1)], 1)
+            return enc, enc_mask, group_lo
+        entries = [
+            fresh[u] if u in fresh else cache.encoded.get(u) for u in range(group_lo, group_hi + 1)
+        ]
+        if all(e is None for e in entries):
+            return None
+        stacked = _stack_encoded(
+            [e[0] if e else None for e in entries],
+            [e[1] if e else None for e in entries],
+            x,
+            self.config.enc_d_model,
+        )
+        return stacked[0], stacked[1], group_lo
+
+    def _cca(
+        self, block: DecoderBlock, x: Tensor, start: int, context: tuple[Tensor, Tensor, int]
+    ) -> Tensor:
+        """Chunked cross-attention for positions [start, start+t) with the m-1 shift."""
+        assert block.cca is not None and block.norm_cca is not None
+        states, mask, group_lo = context  # (B, G, S, E), (B, G, S)
+        m, r = self.config.chunk_size, self.config.neighbor_len
+        B, t, C = x.shape
+        G, S = states.shape[1], states.shape[2]
+        first_pos = max(start, m - 1)  # earlier positions attend to nothing
+        q = block.norm_cca(x[:, first_pos - start :])  # (B, t', C)
+        offset = first_pos - (m - 1) - group_lo * m  # slot of first_pos inside group group_lo
+        tail = G * m - offset - q.shape[1]
+        q = F.pad(q, (0, 0, offset, tail)).reshape(B * G, m, C)  # (B*G, m, C)
+        q_rot = self.rotary(torch.arange(m, device=x.device), x.dtype)  # position inside the group
+        k_rot = self.rotary(
+            torch.arange(S, device=x.device) % r, x.dtype
+        )  # position inside neighbour
+        y = block.cca(q, states.reshape(B * G, S, -1), mask.reshape(B * G, S), q_rot, k_rot)
+        y = y.reshape(B, G * m, C)[:, offset : offset + t - (first_pos - start)]
+        return F.pad(y, (0, 0, first_pos - start, 0))  # (B, t, C)
+
+
+def _stack_encoded(
+    states: list[Tensor | None], masks: list[Tensor | None], like: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """Stack per-chunk encodings (B, S_u, E) into (B, G, max S, E), padding with masked slots."""
+    present = [s for s in states if s is not None]
+    B = like.shape[0]
+    S = max((s.shape[1] for s in present), default=1)  # no neighbours at all: one masked slot
+    out = like.new_zeros(B, len(states), S, width)
+    out_mask = torch.zeros(B, len(states), S, dtype=torch.bool, device=like.device)
+    for g, (s, msk) in enumerate(zip(states, masks, strict=True)):
+        if s is not None and msk is not None:
+            out[:, g, : s.shape[1]] = s
+            out_mask[:, g, : s.shape[1]] = msk
+    return out, out_mask
