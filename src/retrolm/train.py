@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import time
@@ -63,7 +62,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    k: int = 2
+    k: int | None = None  # neighbours per chunk; None: the model's n_neighbors
     retrieval: bool = True
     exclude_sample_docs: bool = True
     tokens: int | None = None  # None and no minutes: one pass over the train sequences
@@ -95,7 +94,6 @@ def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval
     """
     from retrolm.model.config import RetroConfig
 
-    explicit = True
     if isinstance(model, RetroConfig):
         config = model
     else:
@@ -104,25 +102,19 @@ def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval
             path = path / "config.json"
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
-                raise RetrolmError(f"model config {path} does not exist; pass a preset name or a config.json")
-            try:
-                config = RetroConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
-                raise RetrolmError(f"cannot read model config {path}: {err}") from err
-        else:
-            try:
-                config = RetroConfig.from_name(str(model))
-            except (KeyError, ValueError) as err:
                 raise RetrolmError(
-                    f"unknown model preset {str(model)!r}; pass a preset name or a config.json path"
-                ) from err
-            explicit = False
-    if explicit and config.chunk_size != chunk_size:
+                    f"model config {path} does not exist; pass a preset name or a config.json"
+                )
+            config = RetroConfig.load_json(path)
+        else:  # a preset: sizes from the preset, vocabulary and chunk size from the database
+            config = RetroConfig.from_name(str(model), vocab_size=vocab_size, chunk_size=chunk_size)
+    if config.chunk_size != chunk_size:
         raise RetrolmError(
             f"model chunk_size {config.chunk_size} differs from the database chunk size {chunk_size}; "
             "use a config with the database's chunk size (or a preset, which takes it from the database)"
         )
-    config = dataclasses.replace(config, vocab_size=vocab_size, chunk_size=chunk_size)
+    if config.vocab_size != vocab_size:
+        config = dataclasses.replace(config, vocab_size=vocab_size)
     if not retrieval:
         config = config.as_gpt()
     return config
@@ -222,7 +214,8 @@ class _Run:
             )
         self.seq_len = seq_len
         self.dataset = RetroDataset(
-            self.db, "train", seq_len, k=cfg.k, retrieval=cfg.retrieval,
+            self.db, "train", seq_len, k=cfg.k or int(self.config.n_neighbors),
+            retrieval=cfg.retrieval,
             exclude_sample_docs=cfg.exclude_sample_docs,
         )  # fmt: skip
         if cfg.batch_size % (cfg.grad_accum * dist.world_size):

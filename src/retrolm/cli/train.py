@@ -37,7 +37,9 @@ def train_command(
         None, "--warmup-steps", help="Linear warm-up steps (default: 5% of steps, <= 200)."
     ),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    k: int = typer.Option(2, "--k", help="Neighbours per chunk (<= the database's K)."),
+    k: int | None = typer.Option(
+        None, "--k", help="Neighbours per chunk (<= the database's K; default: the model's)."
+    ),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights and data order."),
