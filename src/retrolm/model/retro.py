@@ -110,7 +110,7 @@ class EncoderBlock(nn.Module):
         self.norm_ctx = nn.RMSNorm(c.d_model, eps=c.norm_eps) if cross else None
         self.cross = CrossAttention(e, c.d_model, c.enc_heads, c.dropout) if cross else None
         self.norm_mlp = nn.RMSNorm(e, eps=c.norm_eps)
-        self.mlp = MLP(e, max(8, round(c.d_ff * e / c.d_model / 8) * 8), c.mlp)
+        self.mlp = MLP(e, c.enc_d_ff, c.mlp)
 
 
 class NeighbourEncoder(nn.Module):
