@@ -195,7 +195,11 @@ class Retro(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+                logits.reshape(-1, logits.shape[-1]).to(
+                    torch.promote_types(logits.dtype, torch.float32)
+                ),
+                targets.reshape(-1),
+                ignore_index=-100,
             )
         return logits, loss
 
