@@ -40,7 +40,9 @@ def embedding_grads(model: Retro, tokens, neighbours, mask, t: int):
         logits, _ = model(tokens, neighbours, mask)
     finally:
         handle.remove()
-    weights = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(t), dtype=logits.dtype)
+    weights = torch.randn(
+        logits.shape[-1], generator=torch.Generator().manual_seed(t), dtype=logits.dtype
+    )
     (logits[0, t] @ weights).backward()
     token_emb, nb_emb = captured  # decoder call first, then the neighbour encoder's call
     return token_emb.grad[0].abs().sum(-1), nb_emb.grad  # (T,), (B, chunks, k, r, C)
@@ -80,18 +82,26 @@ def test_partial_last_chunk_trains_and_is_causal() -> None:
     model = make_model()
     T = 3 * M + 7
     tokens, neighbours, mask = make_inputs(2, T + 9)  # 9 more tokens: a full 4th chunk + 1
-    short_tokens, short_nb, short_mask = tokens[:, :T], neighbours[:, : math.ceil(T / M)], mask[:, : math.ceil(T / M)]
+    short_tokens, short_nb, short_mask = (
+        tokens[:, :T],
+        neighbours[:, : math.ceil(T / M)],
+        mask[:, : math.ceil(T / M)],
+    )
     assert short_nb.shape[1] == 4
     targets = short_tokens.roll(-1, 1)
     targets[:, -1] = -100
     logits, loss = model(short_tokens, short_nb, short_mask, targets=targets)
     assert logits.shape == (2, T, V) and torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if "encoder" in n or "cca" in n)
+    assert all(
+        p.grad is not None for n, p in model.named_parameters() if "encoder" in n or "cca" in n
+    )
     long_logits, _ = model(tokens, neighbours, mask)
     torch.testing.assert_close(long_logits[:, :T], logits, rtol=0, atol=1e-10)
     # the loss ignores -100 and equals the mean over the rest
-    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), targets[:, :-1].reshape(-1))
+    manual = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V), targets[:, :-1].reshape(-1)
+    )
     torch.testing.assert_close(loss, manual)
 
 

@@ -93,6 +93,9 @@ def test_flops_formula_matches_counted_matmuls(overrides: dict) -> None:
     f = flops_per_token(config, T)
     assert f["train"] == 3 * f["forward"]
     # depending on the SDPA kernel, the counter sees the score products or not
-    assert min(abs(counted - f["forward"]), abs(counted - (f["forward"] - f["attention_scores"]))) < 1e-6 * counted
+    assert (
+        min(abs(counted - f["forward"]), abs(counted - (f["forward"] - f["attention_scores"])))
+        < 1e-6 * counted
+    )
     assert model.flops_per_token(T) == f["train"]
     assert mfu(1e6, 100.0, 1e9) == pytest.approx(0.1)

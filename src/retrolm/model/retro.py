@@ -234,7 +234,11 @@ class Retro(nn.Module):
         start = cache.length
         cache._write("tokens", start, tokens)
         source = self._callback_source(retrieve, cache) if self.encoder is not None else None
-        logits = self._run(tokens, start, cache, source)
+        try:
+            logits = self._run(tokens, start, cache, source)
+        except BaseException:
+            cache.rollback(start)  # a failed step (e.g. in retrieve) leaves the cache as it was
+            raise
         cache.length = start + tokens.shape[1]
         return logits, cache
 
