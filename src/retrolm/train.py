@@ -383,9 +383,7 @@ class _Run:
         final_dir = self.out_dir / ckpt.FINAL
         if self.finished:
             if dist.is_main and not (final_dir / ckpt.TRAINER_STATE).is_file():
-                import shutil
-
-                shutil.copytree(self.latest, final_dir, ignore=shutil.ignore_patterns(ckpt.OPTIMIZER))
+                ckpt.copy_as_final(self.latest, final_dir)  # killed between the two writes
             distributed.barrier(dist)
             return final_dir
         from retrolm.data import make_loader

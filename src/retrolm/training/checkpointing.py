@@ -110,6 +110,15 @@ def save_checkpoint(
     return path
 
 
+def copy_as_final(step_checkpoint: Path, final_dir: Path) -> Path:
+    """Atomically copy a step checkpoint, without its optimizer state, to `final_dir`."""
+    with atomic_dir(final_dir) as tmp:
+        for item in step_checkpoint.iterdir():
+            if item.is_file() and item.name != OPTIMIZER:
+                shutil.copy2(item, tmp / item.name)
+    return final_dir
+
+
 def prune(out_dir: Path, keep: int) -> None:
     """Keep only the newest `keep` step checkpoints (at least one)."""
     found = list_checkpoints(out_dir)
