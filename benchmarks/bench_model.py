@@ -48,20 +48,30 @@ def batch(config: RetroConfig, B: int, T: int, k: int, device: str):
     return tokens, neighbours
 
 
-def time_train_step(model: Retro, tokens, neighbours, device: str, dtype: str, iters: int) -> float:
-    """Median seconds of forward + backward (no optimizer) over `iters` runs after one warm-up."""
-    times = []
-    for i in range(iters + 1):
-        sync(device)
-        start = time.perf_counter()
-        with autocast(device, dtype):
-            _, loss = model(tokens, neighbours, targets=tokens)
-        loss.backward()
-        sync(device)
+def train_step(model: Retro, tokens, neighbours, device: str, dtype: str) -> float:
+    """Seconds of one forward + backward (no optimizer step)."""
+    sync(device)
+    start = time.perf_counter()
+    with autocast(device, dtype):
+        _, loss = model(tokens, neighbours, targets=tokens)
+    loss.backward()
+    sync(device)
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def time_pair(
+    retro: Retro, gpt: Retro, tokens, neighbours, args, dtype: str
+) -> tuple[float, float]:
+    """Median step times, RETRO and GPT interleaved so a shared CPU's load hits both alike."""
+    t_retro, t_gpt = [], []
+    for i in range(args.iters + 1):  # the first round warms up
+        a = train_step(retro, tokens, neighbours, args.device, dtype)
+        b = train_step(gpt, tokens, None, args.device, dtype)
         if i:
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return sorted(times)[len(times) // 2]
+            t_retro.append(a)
+            t_gpt.append(b)
+    return sorted(t_retro)[len(t_retro) // 2], sorted(t_gpt)[len(t_gpt) // 2]
 
 
 def bench_train(config: RetroConfig, args) -> None:
@@ -72,8 +82,7 @@ def bench_train(config: RetroConfig, args) -> None:
         emit(kind="matmul_peak", device=args.device, dtype=dtype, size=args.peak_size, flops=peak)
         for T in args.seq:
             tokens, neighbours = batch(config, args.batch, T, args.k, args.device)
-            t_retro = time_train_step(retro, tokens, neighbours, args.device, dtype, args.iters)
-            t_gpt = time_train_step(gpt, tokens, None, args.device, dtype, args.iters)
+            t_retro, t_gpt = time_pair(retro, gpt, tokens, neighbours, args, dtype)
             n_tok = args.batch * T
             f_retro = flops_per_token(config, T)["train"]
             f_gpt = flops_per_token(config.as_gpt(), T)["train"]
@@ -136,7 +145,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--generate", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--recompute-samples", type=int, default=64)
