@@ -360,7 +360,7 @@ class Retro(nn.Module):
         for i, block in enumerate(self.blocks):
             kv = cache.kv[i] if cache is not None else None
             x = x + block.drop(block.attn(block.norm_attn(x), cos, sin, causal=True, cache=kv))
-            if i == self.first_cca and (source is not None or cache is not None):
+            if i == self.first_cca and source is not None:
                 context = self._context(x, start, cache, source)
             if block.cca is not None and context is not None:
                 x = x + block.drop(self._cca(block, x, start, context))
@@ -384,26 +384,22 @@ class Retro(nn.Module):
         hidden = cache._write("hidden", start, x) if cache is not None else x  # (B, end, C)
         first, last = start // m, end // m - 1  # chunks completed at positions in [start, end)
         fresh: dict[int, tuple[Tensor, Tensor] | None] = {}
-        if last >= first and source is not None:
+        if last < first or source is None:
+            if cache is None or end < m:  # training: no complete chunk, nothing to attend
+                return None
+        else:
             states = hidden[:, first * m : (last + 1) * m].reshape(
                 x.shape[0], last - first + 1, m, -1
             )
-            enc, enc_mask = source(first, last, states)
+            enc, enc_mask = source(first, last, states)  # (B, n, S, E), (B, n, S)
+            if cache is None:  # training from position 0: the groups are exactly chunks 0..last
+                return enc, enc_mask, 0
             for u in range(first, last + 1):
                 fresh[u] = (enc[:, u - first], enc_mask[:, u - first])
-        elif last >= first and cache is not None:
-            for u in range(first, last + 1):
-                cache.encoded[u] = None
         if end < m:
             return None
         group_lo = (max(start, m - 1) + 1) // m - 1
         group_hi = end // m - 1
-        if cache is None:
-            if not fresh:
-                return None
-            enc = torch.stack([fresh[u][0] for u in range(group_lo, group_hi + 1)], 1)
-            enc_mask = torch.stack([fresh[u][1] for u in range(group_lo, group_hi + 1)], 1)
-            return enc, enc_mask, group_lo
         entries = [
             fresh[u] if u in fresh else cache.encoded.get(u) for u in range(group_lo, group_hi + 1)
         ]
