@@ -1,0 +1,1 @@
+"""Built-in corpora: each module exposes `documents() -> list[Document]` (see corpus.py)."""

@@ -1,0 +1,1 @@
+"""The retrieval database: token streams, chunk store, retrievers, neighbours, manifest."""
