@@ -25,9 +25,11 @@ from retrolm.errors import RetrolmError
 
 
 def _open_db(path: Path) -> Any:
+    # Sizes are still checked; the sha256 pass already ran where the trainer opened the
+    # database, and repeating it in every worker would reread every file each time.
     from retrolm.db.database import RetrievalDB
 
-    return RetrievalDB.open(path)
+    return RetrievalDB.open(path, verify=False)
 
 
 def first_k_valid(ids: np.ndarray, k: int) -> np.ndarray:
