@@ -45,8 +45,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the retrieval database (resumes an interrupted build with the same settings)."""
         import time
+        import warnings
 
         from retrolm.db.database import RetrievalDB
+
+        warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
 
         t0 = time.time()
         db = RetrievalDB.build(

@@ -202,7 +202,8 @@ class RetrievalDB:
             docs = dedup_exact(raw, stats)
             if near_dedup:
                 docs = dedup_near(docs, stats)
-            splits = [split_of(d.doc_id, seed, tuple(split)) for d in docs]
+            # db_only documents (facts only the database knows) always join the train stream
+            splits = ["train" if d.db_only else split_of(d.doc_id, seed, tuple(split)) for d in docs]
             if "train" not in splits:
                 raise RetrolmError("no document landed in the train split; add documents or change --split")
             with atomic_path(out / "documents.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
