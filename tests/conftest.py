@@ -22,7 +22,7 @@ TIMES = ["at dawn", "at night", "in winter", "after rain", "in spring", "at noon
 COLOURS = ["grey", "golden", "striped", "spotted", "black", "silver", "red", "pale"]
 
 
-def synthetic_documents(n: int = 240, seed: int = 0) -> list[str]:
+def synthetic_documents(n: int = 160, seed: int = 0) -> list[str]:
     """n short English documents over a shared vocabulary, each with a unique name."""
     rng = random.Random(seed)
     docs = []
@@ -39,7 +39,7 @@ def synthetic_documents(n: int = 240, seed: int = 0) -> list[str]:
     return docs
 
 
-def make_corpus_dir(root: Path, n: int = 240, seed: int = 0) -> Path:
+def make_corpus_dir(root: Path, n: int = 160, seed: int = 0) -> Path:
     """Write `synthetic_documents(n)` as root/corpus/doc_XXXX.txt (nested in two folders)."""
     corpus = Path(root) / "corpus"
     for i, text in enumerate(synthetic_documents(n, seed)):
@@ -51,7 +51,7 @@ def make_corpus_dir(root: Path, n: int = 240, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    """Directory of 240 synthetic .txt documents (see `synthetic_documents`)."""
+    """Directory of 160 synthetic .txt documents (see `synthetic_documents`)."""
     return make_corpus_dir(tmp_path_factory.mktemp("tiny_corpus"))
 
 
@@ -59,7 +59,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def tiny_db_path(tmp_path_factory, tiny_corpus) -> Path:
     """Path of the session's tiny DENSE database (built once; treat as read-only).
 
-    Settings: corpus = `tiny_corpus` (240 synthetic docs), retriever dense (MiniLM, Flat),
+    Settings: corpus = `tiny_corpus` (160 synthetic docs), retriever dense (MiniLM, Flat),
     chunk_size=16, vocab_size=512, neighbors=4, split 80/10/10, seed 0.
     """
     from retrolm.db.database import RetrievalDB

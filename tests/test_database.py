@@ -60,7 +60,8 @@ def test_manifest_and_streams_are_consistent(tiny_db):
 
 
 def test_search_returns_chunks_with_continuation(tiny_db):
-    target = 7
+    docs = tiny_db.chunks.table[:, 2]
+    target = int(np.flatnonzero(docs[1:] == docs[:-1])[5])  # a chunk with a continuation
     query = tiny_db.chunks.chunk_text([target])[0]
     hits = tiny_db.search(query, k=3)
     assert len(hits) == 3

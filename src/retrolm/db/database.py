@@ -280,11 +280,10 @@ class RetrievalDB:
                 from retrolm.db.index import build_index, choose_factory, save_index
 
                 emb = Embedder(embedder, batch_size=embed_batch_size, dtype=embed_dtype)
-                vectors = embed_to_file(emb, store.texts, n, out / "embeddings.f16")
+                vectors = embed_to_file(emb, store.texts, n, out / "embeddings.f16", progress=progress)
                 factory = index or choose_factory(n, emb.dim)
                 idx = build_index(np.asarray(vectors, dtype=np.float32), factory, seed=seed)
-                with atomic_path(out / "index.faiss") as tmp:
-                    save_index(idx, tmp)
+                save_index(idx, out / "index.faiss")
                 section = {"kind": "dense", "embedder": emb.name if embedder is None else embedder,
                            "dim": emb.dim, "index_factory": factory, "nprobe": nprobe}
             else:
@@ -314,7 +313,7 @@ class RetrievalDB:
             qdocs = (lambda lo, hi, st=stream: [st.window_docs(w) for w in range(lo, hi)]) if s == "train" else None
             (out / "neighbors").mkdir(exist_ok=True)
             compute_neighbors(ret, stream.windows_text, stream.num_windows, qdocs, store.table[:, 2],
-                              neighbors, out / "neighbors" / f"{s}.npy")
+                              neighbors, out / "neighbors" / f"{s}.npy", progress=progress)
             mark(f"neighbors:{s}", {"windows": stream.num_windows})
 
         # 7. manifest, last
