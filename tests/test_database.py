@@ -91,7 +91,6 @@ def test_damaged_databases_are_refused(tiny_db_path, tmp_path):
 
 def test_interrupted_build_resumes_to_the_same_database(tiny_corpus, tiny_bm25_db, tmp_path, monkeypatch):
     import retrolm.db.neighbors as nbmod
-
     import retrolm.tokenizer as tokmod
 
     real = nbmod.compute_neighbors
