@@ -119,3 +119,92 @@ def test_checkpoint_listing_ignores_partial_dirs_and_prunes(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]
     ckpt.remove_partial(tmp_path)
     assert not partial.exists()
+
+
+# -- end to end on the tiny database -------------------------------------------------------
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from retrolm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _train_args(db, out, *extra: str) -> list[str]:
+    return ["train", "--db", str(db), "--out", str(out), "--device", "cpu", *extra]
+
+
+def test_cli_refuses_bad_input_with_one_line(tiny_db_path, tmp_path, capsys):
+    from retrolm.model.config import RetroConfig
+
+    err = _cli_error(_train_args(tmp_path / "nope", tmp_path / "o1", "--model", "tiny"), capsys)
+    assert "does not exist" in err
+    err = _cli_error(_train_args(tiny_db_path, tmp_path / "o2", "--model", "no-such-preset"), capsys)
+    assert "unknown model preset" in err
+    config = tmp_path / "m32.json"
+    RetroConfig.from_name("tiny", chunk_size=32).save_json(config)
+    err = _cli_error(_train_args(tiny_db_path, tmp_path / "o3", "--model", str(config)), capsys)
+    assert "chunk_size 32" in err and "database chunk size" in err
+    err = _cli_error(
+        _train_args(tiny_db_path, tmp_path / "o4", "--model", "tiny", "--tokens", "99", "--minutes", "1"),
+        capsys,
+    )
+    assert "--tokens or --minutes" in err
+    for out in ("o1", "o2", "o3", "o4"):  # nothing that looks like a run was left behind
+        assert not (tmp_path / out / "final").exists()
+
+
+def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
+    from retrolm.model.checkpoint import load_model
+    from retrolm.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        tokens=3 * 4 * 32, batch_size=4, seq_len=32, retrieval=False, checkpoint_every=0,
+        device="cpu", progress=False, warmup_steps=1,
+    )  # fmt: skip
+    first = train(tiny_db_path, "tiny", tmp_path / "gpt", cfg)
+    gpt = load_model(first)
+    assert gpt.config.cca_layers == []
+    state = ckpt.read_trainer_state(first)
+    assert state["step"] == 3 and state["tokens_seen"] == 3 * 4 * 32
+    assert (tmp_path / "gpt" / "loss.png").stat().st_size > 0
+
+    # the same --out again without --resume is refused; with --resume it is already done
+    with pytest.raises(RetrolmError, match="--resume"):
+        train(tiny_db_path, "tiny", tmp_path / "gpt", cfg)
+    cfg.resume = True
+    assert train(tiny_db_path, "tiny", tmp_path / "gpt", cfg) == first
+
+    # continued training re-warms from the first run's final LR
+    more = TrainConfig(
+        tokens=2 * 4 * 32, batch_size=4, seq_len=32, retrieval=False, checkpoint_every=0,
+        device="cpu", progress=False, warmup_steps=2, lr=5e-4, init_from=str(first),
+    )  # fmt: skip
+    second = train(tiny_db_path, "tiny", tmp_path / "more", more)
+    schedule = LRSchedule.from_dict(ckpt.read_trainer_state(second)["schedule"])
+    previous = LRSchedule.from_dict(state["schedule"])
+    assert schedule.start_lr == pytest.approx(previous.lr(previous.total_steps))
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "more" / "metrics.jsonl").open()]
+    assert lrs[0] == pytest.approx(previous.min_lr + 0.5 * (5e-4 - previous.min_lr))
+
+
+def test_minutes_budget_fixes_a_step_count_and_keeps_to_the_time(tiny_db_path, tmp_path):
+    from retrolm.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        minutes=0.05, batch_size=2, seq_len=32, checkpoint_every=0, device="cpu", progress=False,
+    )  # fmt: skip
+    final = train(tiny_db_path, "tiny", tmp_path / "timed", cfg)
+    state = ckpt.read_trainer_state(final)
+    schedule = LRSchedule.from_dict(state["schedule"])
+    # the step count was fixed from the measured speed (not the stand-in length) and reached
+    assert schedule.total_steps == state["step"] >= 4
+    assert state["finished"]
+    records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, state["step"] + 1))
+    assert records[-1]["elapsed_s"] < 1.25 * 60 * cfg.minutes + 5
