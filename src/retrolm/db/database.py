@@ -274,16 +274,26 @@ class RetrievalDB:
         n = len(store)
 
         # 5. retriever
+        ret = None
         if "retriever" not in done:
             if retriever == "dense":
                 from retrolm.db.embed import Embedder, embed_to_file
-                from retrolm.db.index import build_index, choose_factory, save_index
+                from retrolm.db.index import (
+                    build_index,
+                    choose_factory,
+                    default_nprobe,
+                    save_index,
+                    set_nprobe,
+                )
+                from retrolm.db.retriever import DenseRetriever
 
                 emb = Embedder(embedder, batch_size=embed_batch_size, dtype=embed_dtype)
                 vectors = embed_to_file(emb, store.texts, n, out / "embeddings.f16", progress=progress)
                 factory = index or choose_factory(n, emb.dim)
                 idx = build_index(np.asarray(vectors, dtype=np.float32), factory, seed=seed)
                 save_index(idx, out / "index.faiss")
+                set_nprobe(idx, nprobe or default_nprobe(factory))
+                ret = DenseRetriever(emb, idx)  # reuse the loaded encoder for the neighbour stage
                 section = {"kind": "dense", "embedder": emb.name if embedder is None else embedder,
                            "dim": emb.dim, "index_factory": factory, "nprobe": nprobe}
             else:
@@ -303,7 +313,6 @@ class RetrievalDB:
         from retrolm.db.neighbors import compute_neighbors
         from retrolm.db.retriever import open_retriever
 
-        ret = None
         for s in SPLITS:
             if f"neighbors:{s}" in done:
                 continue
