@@ -208,3 +208,41 @@ def test_minutes_budget_fixes_a_step_count_and_keeps_to_the_time(tiny_db_path, t
     records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == list(range(1, state["step"] + 1))
     assert records[-1]["elapsed_s"] < 1.25 * 60 * cfg.minutes + 5
+
+
+def test_frozen_parameters_stay_frozen_across_a_resume(tiny_db, tiny_db_path, tmp_path):
+    """A module passed in with part of it frozen (retro-fitting) trains only the rest,
+    also after resuming from a checkpoint (here: the run died after step 1's checkpoint)."""
+    import shutil
+
+    from retrolm.model.config import RetroConfig
+    from retrolm.model.retro import Retro
+    from retrolm.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    config = RetroConfig.from_name("tiny", vocab_size=tiny_db.vocab_size, chunk_size=16)
+    model = Retro(config)
+    for param in model.blocks.parameters():
+        param.requires_grad_(False)  # only embeddings, encoder, final norm train
+    before = {n: p.detach().clone() for n, p in model.blocks.named_parameters()}
+    encoder_before = model.encoder.proj_in.weight.detach().clone()
+    cfg = TrainConfig(
+        tokens=2 * 2 * 32, batch_size=2, seq_len=32, checkpoint_every=1, device="cpu",
+        progress=False, rewarm=True, warmup_steps=1,
+    )  # fmt: skip
+    out = tmp_path / "retrofit"
+    train(tiny_db_path, model, out, cfg)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(ckpt.step_dir(out, 2))
+    cfg.resume = True
+    final = train(tiny_db_path, "tiny", out, cfg)
+
+    from retrolm.model.checkpoint import load_model
+
+    trained = load_model(final)
+    for name, param in trained.blocks.named_parameters():
+        assert torch.equal(param, before[name]), name
+    assert not torch.equal(trained.encoder.proj_in.weight, encoder_before)  # the rest trained
+    state = ckpt.read_trainer_state(final)
+    assert state["step"] == 2 and state["frozen_parameters"]
+    assert LRSchedule.from_dict(state["schedule"]).start_lr == pytest.approx(cfg.lr * cfg.min_lr_ratio)

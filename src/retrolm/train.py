@@ -75,6 +75,7 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
+    rewarm: bool = False  # re-warm from the floor even without init_from (a retro-fitted module)
     device: str | None = None  # None: cuda if available else cpu
     progress: bool = True
 
@@ -232,7 +233,7 @@ class _Run:
         total = _budget_steps(cfg, self.tokens_per_step, len(self.dataset))
         # A --minutes run warms up at the slowest default rate until its length is known.
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else _default_warmup(total)
-        if self.prev_schedule is not None or cfg.init_from is not None:
+        if self.prev_schedule is not None or cfg.init_from is not None or cfg.rewarm:
             self.schedule = rewarm(self.prev_schedule, cfg.lr, total, warmup, cfg.min_lr_ratio)
         else:
             self.schedule = LRSchedule(cfg.lr, total, warmup, cfg.min_lr_ratio)
@@ -262,6 +263,9 @@ class _Run:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
         if saved is not None:  # resume: architecture and weights from the checkpoint
             module = load_model(self.latest)
+            frozen = set(saved.get("frozen_parameters", []))
+            for name, param in module.named_parameters():
+                param.requires_grad_(name not in frozen)  # e.g. retro-fitting with a frozen GPT
             prev = saved.get("previous_schedule")
             prev_schedule = LRSchedule.from_dict(prev) if prev else None
         elif cfg.init_from is not None:  # continued training from another run
@@ -316,6 +320,9 @@ class _Run:
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
             "finished": self.finished,
             "rng": rng,
+            "frozen_parameters": [
+                name for name, p in self.module.named_parameters() if not p.requires_grad
+            ],
         }
 
     def _save(self, final: bool = False) -> None:
