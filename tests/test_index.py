@@ -5,15 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrolm.db.index import build_index, choose_factory, default_nprobe, load_index, save_index
+from retrolm.db.index import (
+    build_index,
+    choose_factory,
+    default_nprobe,
+    load_index,
+    save_index,
+    set_nprobe,
+)
 from retrolm.errors import RetrolmError
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors around 300 random centres (sentence embeddings are clustered, not uniform)."""
+    """Unit vectors around 300 overlapping clusters: true neighbours often sit in other IVF lists."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(99).standard_normal((300, dim))
-    x = centres[rng.integers(0, 300, n)] + 0.6 * rng.standard_normal((n, dim))
+    x = centres[rng.integers(0, 300, n)] + 1.0 * rng.standard_normal((n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
 
@@ -32,11 +39,16 @@ def test_ivf_recall_at_2(tmp_path):
     index = build_index(db, factory, seed=0)
     save_index(index, tmp_path / "i.faiss")
     index = load_index(tmp_path / "i.faiss", factory=factory)  # default nprobe
-    _, got = index.search(queries, 2)
     exact = np.argsort(-(queries @ db.T), axis=1)[:, :2]
-    recall = np.mean([len(set(g) & set(e)) / 2 for g, e in zip(got, exact, strict=True)])
-    assert default_nprobe(factory) < 512  # it is an approximate search ...
-    assert recall >= 0.95  # ... that still finds the true top 2
+
+    def recall() -> float:
+        _, got = index.search(queries, 2)
+        return float(np.mean([len(set(g) & set(e)) / 2 for g, e in zip(got, exact, strict=True)]))
+
+    assert default_nprobe(factory) < 512  # an approximate search ...
+    assert recall() >= 0.95  # ... that still finds the true top 2 at the default nprobe
+    set_nprobe(index, 1)
+    assert recall() < 0.9  # while one list is not enough: the data is not trivially separable
 
 
 def test_flat_round_trip_and_errors(tmp_path):
