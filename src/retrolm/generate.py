@@ -1,0 +1,391 @@
+"""KV-cached generation for RETRO and GPT checkpoints, with online retrieval.
+
+- One `Retro.step` per new token (or per verified draft); the prompt is fed once.
+- RETRO retrieves online: whenever a chunk of m tokens is complete, the model calls an
+  `OnlineRetriever`, which searches the database with that chunk's text and returns
+  neighbour + continuation tokens; they are encoded once into the cache.
+- Batching: the step API keeps all sequences of a batch at the same position (chunk
+  boundaries are absolute positions), so prompts are grouped by token length and each
+  group of equal-length prompts is decoded as one batch (no padding, no attention mask).
+  Prompts of other lengths run in their own groups. Speculative decoding runs one
+  prompt at a time (each row would accept a different number of tokens).
+- Length: unlimited. Positions past the model's `max_seq_len` keep counting (rotary
+  extrapolation, see docs/model.md); the cache grows with the text.
+- Seeds: prompt i of a call samples with its own generator seeded `seed + i`, so a
+  result does not depend on which other prompts share its batch.
+- Stop: EOS ends a generation; so does any stop string (the text is cut before it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrolm.errors import RetrolmError
+from retrolm.generation.retrieval import ChunkRetrieval, OnlineRetriever
+from retrolm.generation.sampling import SamplingParams, choose_next
+from retrolm.generation.speculative import propose_draft
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's generation. `token_ids` are the new tokens only (the prompt is apart)."""
+
+    prompt: str
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop" | "eos"
+    retrieval: list[ChunkRetrieval] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Row:
+    """Decoding state of one sequence."""
+
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class StopChecker:
+    """Detects EOS, stop strings and the token limit after each new token."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] | None, max_new_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.max_new_tokens = max_new_tokens
+        # a stop string of L characters spans at most 4L byte-level tokens
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 1
+
+    def push(self, row: _Row, token: int) -> bool:
+        """Append `token` unless the row is done; return True when the row is done after it."""
+        if row.done:
+            return True
+        if token == self.tokenizer.eos_id:
+            row.finish_reason = "eos"
+            return True
+        row.generated.append(token)
+        if self.stop:
+            tail = self.tokenizer.decode(row.generated[-self.window :])
+            if any(s in tail for s in self.stop):
+                row.finish_reason = "stop"
+                return True
+        if len(row.generated) >= self.max_new_tokens:
+            row.finish_reason = "length"
+        return row.done
+
+    def final_text(self, row: _Row) -> str:
+        text = self.tokenizer.decode(row.generated)
+        if row.finish_reason == "stop":
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=len(text))
+            text = text[:cut]
+        return text
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_retro(model: Any) -> bool:
+    return bool(model.config.cca_layers)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt token ids; an empty prompt starts from EOS (the document separator)."""
+    ids = tokenizer.encode(prompt)
+    return ids if ids else [tokenizer.eos_id]
+
+
+def decode_tokens(
+    model: Any,
+    prompt_ids: list[list[int]],  # B prompts of EQUAL length
+    params: SamplingParams,
+    checker: StopChecker,
+    retriever: OnlineRetriever | None,
+    seeds: list[int],
+    speculative: bool = False,
+    draft_len: int = 8,
+) -> Iterator[tuple[list[_Row], dict[str, Any]]]:
+    """Decode one batch; yield (rows, stats) after every model step (rows grow in place).
+
+    The last yield has every row done. With `speculative`, B must be 1 and decoding greedy.
+    """
+    B = len(prompt_ids)
+    if B == 0 or any(len(p) != len(prompt_ids[0]) or not p for p in prompt_ids):
+        raise RetrolmError("decode_tokens needs non-empty prompts of equal token length")
+    if speculative and (B != 1 or not params.greedy):
+        raise RetrolmError("speculative decoding needs one prompt at a time and greedy decoding")
+    device = _device_of(model)
+    rows = [_Row(list(p)) for p in prompt_ids]
+    stats: dict[str, Any] = {"model_steps": 0, "drafted": 0, "accepted": []}
+    generators = None
+    if not params.greedy:
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if checker.max_new_tokens <= 0:
+        for row in rows:
+            row.finish_reason = "length"
+        yield rows, stats
+        return
+    logits, cache = model.step(torch.tensor(prompt_ids, device=device), None, retriever)
+    stats["model_steps"] += 1
+    nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)  # (B,)
+    if not speculative:
+        while True:
+            done = [checker.push(row, int(t)) for row, t in zip(rows, nxt.tolist(), strict=True)]
+            yield rows, stats
+            if all(done):
+                return
+            logits, cache = model.step(nxt[:, None], cache, retriever)
+            stats["model_steps"] += 1
+            nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)
+    row, m = rows[0], model.config.chunk_size
+    pending = int(nxt[0])
+    while True:
+        if checker.push(row, pending):
+            yield rows, stats
+            return
+        start = len(cache)  # position of `pending`
+        room = checker.max_new_tokens - len(row.generated)
+        if retriever is not None:
+            # end the draft before the next chunk-completing position, so the only token
+            # that ever triggers a search is the certain `pending` one (no wasted searches)
+            boundary = start + (m - 1 - start % m) if start % m != m - 1 else start + m
+            room = min(room, boundary - start - 1)
+        context = row.prompt_ids + row.generated
+        sources = retriever.neighbour_tokens(0, (start + 1) // m - 1) if retriever else []
+        draft, _ = propose_draft(context, sources, min(draft_len, room))
+        feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
+        logits, cache = model.step(feed, cache, retriever)
+        stats["model_steps"] += 1
+        history = cache.token_history()  # (1, start + 1 + d)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            pick = int(choose_next(logits[:, i], history[:, : start + i + 1], params, None)[0])
+            if i < len(draft) and pick == draft[i]:
+                accepted += 1
+                continue
+            pending = pick
+            break
+        if draft:
+            stats["drafted"] += len(draft)
+            stats["accepted"].append(accepted)
+        cache.rollback(start + 1 + accepted)
+        for t in draft[:accepted]:
+            if checker.push(row, t):
+                yield rows, stats
+                return
+        yield rows, stats
+
+
+def _group_by_length(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of prompts grouped by equal token length, at most `batch_size` per group."""
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        by_len.setdefault(len(p), []).append(i)
+    groups = []
+    for idx in by_len.values():
+        groups += [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+    return groups
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str] | str,
+    *,
+    db: Any = None,
+    max_new_tokens: int = 64,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] | None = None,
+    seed: int = 0,
+    speculative: bool = False,
+    k: int | None = None,
+    return_retrieval: bool = False,
+    batch_size: int = 16,
+    draft_len: int = 8,
+    prompt_ids: list[list[int]] | None = None,
+    on_step: Callable[[int, list[int]], None] | None = None,
+) -> list[GenerationResult]:
+    """Generate a continuation of each prompt (see the module docstring for the policies).
+
+    RETRO models need `db` (a `RetrievalDB`); GPT models ignore it. `k` neighbours per
+    chunk (default: the model's training k). `speculative=True` requires `greedy=True`
+    and gives exactly the greedy output, faster. `prompt_ids` (token ids per prompt)
+    replaces tokenising `prompts`. `on_step(prompt_index, new_token_ids_so_far)` is called
+    after each model step (streaming).
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    if prompt_ids is None:
+        prompt_ids = [encode_prompt(tokenizer, p) for p in texts]
+    elif len(prompt_ids) != len(texts):
+        raise RetrolmError("prompt_ids must have one entry per prompt")
+    if max_new_tokens < 0:
+        raise RetrolmError(f"max_new_tokens {max_new_tokens} must be >= 0")
+    params = SamplingParams(greedy, temperature, top_k, top_p, repetition_penalty)
+    params.validate()
+    if speculative and not greedy:
+        raise RetrolmError("--speculative works with --greedy only (it is exact for greedy decoding)")
+    retro = _is_retro(model)
+    if retro and db is None:
+        raise RetrolmError("this is a RETRO checkpoint: pass --db <database> for online retrieval")
+    if retro:
+        check_compatible(model, tokenizer, db)
+    k = int(k or model.config.n_neighbors)
+    checker = StopChecker(tokenizer, stop, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    results: list[GenerationResult | None] = [None] * len(texts)
+    try:
+        groups = [[i] for i in range(len(texts))] if speculative else _group_by_length(prompt_ids, batch_size)
+        for group in groups:
+            retriever = (
+                OnlineRetriever(db, k, len(group), _device_of(model)) if retro else None
+            )
+            t0 = time.perf_counter()
+            rows: list[_Row] = []
+            stats: dict[str, Any] = {}
+            for rows, step_stats in decode_tokens(
+                model, [prompt_ids[i] for i in group], params, checker, retriever,
+                [seed + i for i in group], speculative, draft_len,
+            ):  # fmt: skip
+                stats = step_stats
+                if on_step is not None:
+                    for b, i in enumerate(group):
+                        on_step(i, rows[b].generated)
+            seconds = time.perf_counter() - t0
+            new_total = sum(len(r.generated) for r in rows)
+            for b, i in enumerate(group):
+                row = rows[b]
+                accepted = stats.get("accepted", [])
+                results[i] = GenerationResult(
+                    prompt=texts[i],
+                    text=checker.final_text(row),
+                    prompt_ids=list(row.prompt_ids),
+                    token_ids=list(row.generated),
+                    finish_reason=row.finish_reason or "length",
+                    retrieval=(
+                        retriever.retrieval_of(b, row.prompt_ids + row.generated, return_retrieval)
+                        if retriever is not None else []
+                    ),
+                    stats={
+                        "new_tokens": len(row.generated),
+                        "batch_size": len(group),
+                        "seconds": seconds,
+                        "tokens_per_s": new_total / seconds if seconds > 0 else 0.0,
+                        "model_steps": stats.get("model_steps", 0),
+                        "retrieval_calls": retriever.calls if retriever is not None else 0,
+                        "searches": retriever.searches if retriever is not None else 0,
+                        "drafted": stats.get("drafted", 0),
+                        "accepted_lengths": list(accepted),
+                        "mean_accepted": sum(accepted) / len(accepted) if accepted else 0.0,
+                    },
+                )
+    finally:
+        model.train(was_training)
+    return [r for r in results if r is not None]
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def check_compatible(model: Any, tokenizer: Any, db: Any) -> None:
+    """Refuse a database whose vocabulary or chunk size differs from the checkpoint's."""
+    cfg = model.config
+    if db.vocab_size != cfg.vocab_size or tokenizer.vocab_size != cfg.vocab_size:
+        raise RetrolmError(
+            f"tokenizer/vocabulary mismatch: the checkpoint has vocab {cfg.vocab_size}, the database "
+            f"{db.vocab_size}; use the database the model was trained on"
+        )
+    if _is_retro(model) and db.chunk_size != cfg.chunk_size:
+        raise RetrolmError(
+            f"chunk size mismatch: the checkpoint uses m={cfg.chunk_size}, the database "
+            f"m={db.chunk_size}; use the database the model was trained on"
+        )
+
+
+def _trained_on(checkpoint: Path) -> Path | None:
+    """The database recorded in the checkpoint's trainer_state.json, if any."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        path = json.loads(state.read_text()).get("database")
+    except (OSError, ValueError):
+        return None
+    return Path(path) if path else None
+
+
+def _tokenizer_sha(db_dir: Path) -> str | None:
+    try:
+        manifest = json.loads((db_dir / "manifest.json").read_text())
+        return manifest["files"]["tokenizer.json"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_for_generation(
+    checkpoint: str | Path, db: str | Path | None = None, device: str = "cpu"
+) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, db or None) for a checkpoint, checked against each other.
+
+    The tokenizer comes from `db`; without one, from the checkpoint's own tokenizer.json
+    or the database recorded in its trainer_state.json. RETRO checkpoints need `db`.
+    """
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.checkpoint import load_model
+    from retrolm.tokenizer import Tokenizer
+
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise RetrolmError(f"checkpoint {str(ckpt)!r} does not exist; pass a directory like <run>/final")
+    model = load_model(ckpt, map_location=device).eval()
+    opened = None
+    if db is not None:
+        opened = RetrievalDB.open(db, verify=False)
+    elif _is_retro(model):
+        raise RetrolmError(f"{ckpt} is a RETRO checkpoint: pass --db <database> for online retrieval")
+    trained = _trained_on(ckpt)
+    if opened is not None:
+        tokenizer = opened.tokenizer
+        if trained is not None and trained.is_dir():
+            ours, theirs = _tokenizer_sha(opened.path), _tokenizer_sha(trained)
+            if ours and theirs and ours != theirs:
+                raise RetrolmError(
+                    f"tokenizer mismatch: {ckpt} was trained on {trained}, whose tokenizer differs "
+                    f"from {opened.path}'s; use that database (or one built with --tokenizer from it)"
+                )
+        check_compatible(model, tokenizer, opened)
+    elif (ckpt / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    elif trained is not None and (trained / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(trained / "tokenizer.json")
+    else:
+        raise RetrolmError(
+            f"no tokenizer for {ckpt}: pass --db <database the model was trained on>"
+        )
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise RetrolmError(
+            f"tokenizer/vocabulary mismatch: the tokenizer has {tokenizer.vocab_size} tokens, the "
+            f"checkpoint {model.config.vocab_size}; use the database the model was trained on"
+        )
+    return model, tokenizer, opened
