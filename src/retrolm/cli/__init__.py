@@ -18,6 +18,8 @@ from retrolm.errors import RetrolmError
 COMMAND_MODULES: tuple[str, ...] = (
     "db",
     "train",
+    "generate",
+    "serve",
 )
 
 app = typer.Typer(
