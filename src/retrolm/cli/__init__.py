@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "generate",
     "serve",
+    "eval",
+    "demo",
 )
 
 app = typer.Typer(
