@@ -132,7 +132,9 @@ def decode_tokens(
         raise RetrolmError("speculative decoding needs one prompt at a time and greedy decoding")
     device = _device_of(model)
     rows = [_Row(list(p)) for p in prompt_ids]
-    stats: dict[str, Any] = {"model_steps": 0, "drafted": 0, "accepted": []}
+    stats: dict[str, Any] = {
+        "model_steps": 0, "drafted": 0, "accepted": [], "accepted_from": {"neighbours": 0, "history": 0},
+    }  # fmt: skip
     generators = None
     if not params.greedy:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -168,7 +170,7 @@ def decode_tokens(
             room = min(room, boundary - start - 1)
         context = row.prompt_ids + row.generated
         sources = retriever.neighbour_tokens(0, (start + 1) // m - 1) if retriever else []
-        draft, _ = propose_draft(context, sources, min(draft_len, room))
+        draft, origin = propose_draft(context, sources, min(draft_len, room))
         feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
         logits, cache = model.step(feed, cache, retriever)
         stats["model_steps"] += 1
@@ -184,6 +186,7 @@ def decode_tokens(
         if draft:
             stats["drafted"] += len(draft)
             stats["accepted"].append(accepted)
+            stats["accepted_from"][origin] += accepted
         cache.rollback(start + 1 + accepted)
         for t in draft[:accepted]:
             if checker.push(row, t):
@@ -298,6 +301,7 @@ def generate(
                         "drafted": stats.get("drafted", 0),
                         "accepted_lengths": list(accepted),
                         "mean_accepted": sum(accepted) / len(accepted) if accepted else 0.0,
+                        "accepted_from": dict(stats.get("accepted_from", {})),
                     },
                 )
     finally:
