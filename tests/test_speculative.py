@@ -1,0 +1,95 @@
+"""Retrieval-draft speculative decoding: the drafter, and exactness against plain greedy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrolm.errors import RetrolmError
+from retrolm.generate import generate
+from retrolm.generation.speculative import propose_draft
+from test_generate import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_draft_from_neighbour_continuation():
+    neighbour = np.array([9, 9, 1, 2, 3, 4, 5, 6, 7])
+    draft, origin = propose_draft([5, 8, 1, 2, 3], [neighbour], max_len=3)
+    assert (draft, origin) == ([4, 5, 6], "neighbours")
+    # the longest suffix match wins: [2, 3] occurs in both, but only the second has 1 before it
+    other = np.array([2, 3, 40, 41])
+    draft, _ = propose_draft([1, 2, 3], [other, neighbour], max_len=2)
+    assert draft == [4, 5]
+
+
+def test_draft_falls_back_to_history_then_nothing():
+    context = [7, 1, 2, 8, 8, 3, 1, 2]  # [1, 2] occurred before, followed by 8 8 3
+    draft, origin = propose_draft(context, [np.array([50, 51])], max_len=10)
+    assert (draft, origin) == ([8, 8, 3, 1, 2], "history")
+    assert propose_draft([4, 5, 6], [], max_len=4) == ([], "")
+    assert propose_draft([1, 2, 1, 2], [], max_len=0) == ([], "")
+    # a single-token match is used for neighbours but not for the history
+    assert propose_draft([3, 1], [np.array([1, 9])], max_len=4)[0] == [9]
+    assert propose_draft([1, 5, 3, 1], [], max_len=4)[0] == []
+
+
+PROMPTS = [
+    "The grey otter number 3 lives near the river.",
+    "It hunts fish at dawn by the marsh. It gathers berries",
+    "Scientists counted",
+    "The golden heron lives near the harbour. It steals seeds after rain by the forest. It",
+    "",
+    "badger",
+    "It chases worms before storms by the reef. It smells fruit in autumn by the canyon.",
+    "The Striped lynx number 40 lives near the glacier. It stores mice at night by the",
+]
+
+
+@pytest.mark.parametrize("retro", [False, True], ids=["gpt", "retro"])
+def test_speculative_greedy_equals_plain_greedy(tiny_db, retro):
+    tok = tiny_db.tokenizer
+    total_accepted = 0
+    for seed in (0, 1):
+        model = tiny_model(tiny_db.vocab_size, retro=retro, seed=seed)
+        db = tiny_db if retro else None
+        plain = generate(model, tok, PROMPTS, db=db, max_new_tokens=48, greedy=True)
+        spec = generate(model, tok, PROMPTS, db=db, max_new_tokens=48, greedy=True, speculative=True,
+                        return_retrieval=retro)
+        for p, s in zip(plain, spec, strict=True):
+            assert s.token_ids == p.token_ids and s.text == p.text
+            assert s.finish_reason == p.finish_reason
+            total_accepted += sum(s.stats["accepted_lengths"])
+            # every verification step emits 1 + accepted tokens (the last may stop early)
+            assert s.stats["model_steps"] <= p.stats["model_steps"]
+            if retro:  # chunks retrieved for the final text only, as in plain decoding
+                assert [r.chunk_index for r in s.retrieval] == [r.chunk_index for r in p.retrieval]
+                assert [r.chunk_ids for r in s.retrieval] == [r.chunk_ids for r in p.retrieval]
+    assert total_accepted > 0
+
+
+def test_speculative_with_repetition_penalty_and_stop(tiny_db):
+    model = tiny_model(tiny_db.vocab_size, retro=True, seed=2)
+    tok = tiny_db.tokenizer
+    kw = dict(db=tiny_db, max_new_tokens=40, greedy=True, repetition_penalty=1.3)
+    plain = generate(model, tok, PROMPTS[:4], **kw)
+    spec = generate(model, tok, PROMPTS[:4], speculative=True, **kw)
+    assert [r.token_ids for r in plain] == [r.token_ids for r in spec]
+    text = plain[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    a = generate(model, tok, PROMPTS[0], stop=[stop], **kw)[0]
+    b = generate(model, tok, PROMPTS[0], stop=[stop], speculative=True, **kw)[0]
+    assert a.finish_reason == b.finish_reason == "stop" and a.text == b.text and a.token_ids == b.token_ids
+
+
+def test_speculative_refuses_sampling(tiny_db):
+    model = tiny_model(tiny_db.vocab_size, retro=False)
+    with pytest.raises(RetrolmError, match="greedy"):
+        generate(model, tiny_db.tokenizer, "x", speculative=True, temperature=0.7)
