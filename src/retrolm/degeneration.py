@@ -58,12 +58,14 @@ def evaluate_degeneration(
     prompt_tokens: int | None = None,
     k: int | None = None,
     split: str | None = None,
+    return_generations: bool = False,
 ) -> dict[str, Any]:
     """Generate from held-out prompts with each checkpoint; return metrics per checkpoint.
 
     `db`: an opened `RetrievalDB` or its path. Returns {"settings": {...}, "checkpoints":
     [{"checkpoint", "kind" ("retro"|"gpt"), "repetition_pct", "distinct_1", "distinct_2",
-    "mean_length", "eos_share", "tokens_per_s", "examples"}]}.
+    "mean_length", "eos_share", "tokens_per_s", "examples"} (+ "generations": new token
+    ids per prompt with `return_generations`)]}.
     """
     from retrolm.db.database import RetrievalDB
     from retrolm.generate import check_compatible, generate
@@ -89,7 +91,7 @@ def evaluate_degeneration(
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         gens = [r.token_ids for r in results]
-        rows.append({
+        row = {
             "checkpoint": str(ckpt),
             "kind": "retro" if model.config.cca_layers else "gpt",
             "repetition_pct": repetition_rate(gens),
@@ -99,7 +101,10 @@ def evaluate_degeneration(
             "eos_share": sum(r.finish_reason == "eos" for r in results) / len(results),
             "tokens_per_s": sum(len(g) for g in gens) / seconds if seconds > 0 else 0.0,
             "examples": [{"prompt": r.prompt, "text": r.text} for r in results[:3]],
-        })
+        }
+        if return_generations:
+            row["generations"] = gens
+        rows.append(row)
     return {
         "settings": {
             "database": str(db.path), "n_prompts": n_prompts, "prompt_tokens": prompt_tokens,
