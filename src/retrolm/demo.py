@@ -37,19 +37,19 @@ FULL = {
            "embed_dtype": "bf16"},
     "model": "cpu-small",
     "overrides": {},
-    "train": {"seq_len": 256, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
+    "train": {"seq_len": 256, "batch_size": 4, "lr": 2e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
               "bf16": True, "k": 2, "checkpoint_every": 50, "seed": 0},
     "eval_reserve_minutes": 1.5,
 }  # fmt: skip
 # --tiny: a test-sized run (well under a minute): tiny model, 80-document corpus slice.
 TINY = {
-    "db": {"chunk_size": 16, "vocab_size": 512, "neighbors": 4, "split": [80, 10, 10], "seed": 0,
-           "embed_dtype": "fp32"},
+    "db": {"chunk_size": 32, "vocab_size": 512, "neighbors": 4, "split": [80, 10, 10], "seed": 0,
+           "embed_dtype": "bf16"},
     "model": "tiny",
-    "overrides": {"max_seq_len": 64},
-    "train": {"seq_len": 64, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
+    "overrides": {"max_seq_len": 128},
+    "train": {"seq_len": 128, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
               "bf16": False, "k": 2, "checkpoint_every": 10, "seed": 0},
-    "tokens": 64 * 4 * 20,
+    "tokens": 128 * 4 * 12,
 }  # fmt: skip
 
 
@@ -254,8 +254,14 @@ def run_demo(
     tiny: bool = False,
     retriever: str = "dense",
     progress: bool = True,
+    train_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo into `out`; return the results (also in `<out>/results.json`)."""
+    """Run the whole demo into `out`; return the results (also in `<out>/results.json`).
+
+    `train_overrides` / `model_overrides` change the preset's TrainConfig fields / model
+    config fields (for experiments; they are part of the stored plan).
+    """
     from retrolm.db.database import RetrievalDB
     from retrolm.evaluate import evaluate
     from retrolm.model.config import RetroConfig
@@ -265,7 +271,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if minutes <= 0:
         raise RetrolmError(f"--minutes must be > 0, got {minutes}")
-    preset = TINY if tiny else FULL
+    preset = dict(TINY if tiny else FULL)
+    preset["train"] = {**preset["train"], **(train_overrides or {})}
+    preset["overrides"] = {**preset["overrides"], **(model_overrides or {})}
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 

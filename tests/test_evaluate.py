@@ -1,0 +1,134 @@
+"""Evaluation on the session's tiny database with a tiny GPT and a tiny RETRO trained a few steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_db_path):
+    """Final checkpoint dirs of a tiny GPT and a tiny RETRO (same decoder, same sequences)."""
+    from retrolm.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("eval_runs")
+    out = {}
+    for name, retrieval in (("gpt", False), ("retro", True)):
+        cfg = TrainConfig(seq_len=SEQ, batch_size=4, lr=3e-3, tokens=SEQ * 4 * 6, retrieval=retrieval,
+                          checkpoint_every=0, progress=False)  # fmt: skip
+        out[name] = train(tiny_db_path, "tiny", root / name, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(tiny_db, runs):
+    from retrolm.evaluate import evaluate
+
+    return evaluate(tiny_db, [runs["gpt"].parent, runs["retro"]], split="valid")
+
+
+def test_all_four_modes_finite_and_bpb_consistent(result, tiny_db):
+    from retrolm.evaluate import find_row
+
+    assert [r["model"] for r in result["rows"]] == ["GPT", "RAG_GPT", "RETRO", "RETRO-off"]
+    stream = np.asarray(tiny_db.streams["valid"].tokens, dtype=np.int64)
+    # every token but the first is scored once; bytes are the decoded targets' UTF-8 bytes
+    assert result["tokens"] == len(stream) - 1
+    assert result["bytes"] == len(tiny_db.tokenizer.decode(stream[1:]).encode("utf-8"))
+    for row in result["rows"]:
+        assert math.isfinite(row["ppl"]) and 1.0 < row["ppl"] < tiny_db.vocab_size
+        assert row["bpb"] == pytest.approx(row["nll_nats"] / (math.log(2) * row["bytes"]), rel=1e-12)
+        assert row["ppl"] == pytest.approx(math.exp(row["nll_nats"] / row["tokens"]), rel=1e-12)
+    # retrieval changes RETRO's predictions; RAG_GPT's prompt changes the GPT's
+    assert find_row(result, "RETRO")["nll_nats"] != pytest.approx(find_row(result, "RETRO-off")["nll_nats"])
+    assert find_row(result, "RAG_GPT")["nll_nats"] != pytest.approx(find_row(result, "GPT")["nll_nats"])
+
+
+def test_overlap_buckets_monotone_and_complete(result):
+    assert result["alphas"] == [0.0, 0.125, 0.25, 0.5, 1.0]
+    for row in result["rows"]:
+        shares = [b["share"] for b in row["buckets"]]
+        assert shares == sorted(shares) and shares[-1] == 1.0
+        assert row["buckets"][-1]["n_chunks"] == result["chunks"]
+        assert row["buckets"][-1]["bpb"] == pytest.approx(row["bpb"], rel=1e-9)  # alpha=1 is everything
+    assert result["rows"][0]["buckets"][2]["share"] > 0  # the synthetic corpus shares phrases
+
+
+def test_retro_off_equals_gpt_with_the_same_weights(tiny_db, runs, tmp_path):
+    from retrolm.evaluate import evaluate, find_row
+    from retrolm.model.checkpoint import load_model, save_model
+    from retrolm.model.retro import Retro
+
+    retro = load_model(runs["retro"])
+    gpt = Retro(retro.config.as_gpt())
+    missing, _ = gpt.load_state_dict(retro.state_dict(), strict=False)
+    assert not [k for k in missing if k != "lm_head.weight"]
+    save_model(gpt, tmp_path / "gpt_from_retro")
+    res = evaluate(tiny_db, [tmp_path / "gpt_from_retro", runs["retro"]], split="valid", rag=False)
+    off, plain = find_row(res, "RETRO-off"), find_row(res, "GPT")
+    assert plain["nll_nats"] == pytest.approx(off["nll_nats"], rel=1e-9)
+    for a, b in zip(plain["buckets"], off["buckets"], strict=True):
+        assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-9)
+
+
+def test_rag_gpt_context_is_neighbour_then_eos_then_own_tokens(tiny_db, runs):
+    import torch
+
+    from retrolm.evaluate import prepare, rag_inputs, score_rag, score_sequences
+    from retrolm.model.checkpoint import load_model
+
+    data = prepare(tiny_db, "valid", SEQ, 2)
+    m, eos = data.m, tiny_db.tokenizer.eos_id
+    pieces = rag_inputs(tiny_db, data, 256)
+    assert sorted({w for _, _, w in pieces}) == list(range(data.num_chunks))
+    checked, got = 0, {}
+    for tokens, targets, w in pieces:  # in stream order
+        scored = targets != -100
+        assert scored.any() and scored[-1] and scored[scored.argmax():].all()  # only the tail is scored
+        got.setdefault(w, []).extend(targets[scored].tolist())
+        if w >= 1 and data.neighbour_ids[w - 1, 0] >= 0:
+            nb, mask = tiny_db.chunks.gather(data.neighbour_ids[w - 1, :1])  # neighbour of chunk w-1
+            prefix = nb[0][mask[0]]
+            assert np.array_equal(tokens[: len(prefix)], prefix) and tokens[len(prefix)] == eos
+            checked += 1
+    assert checked > 0
+    for w, scored_tokens in got.items():  # each chunk's tokens are scored exactly once
+        assert scored_tokens == data.stream[max(1, w * m) : (w + 1) * m].tolist()
+    # a chunk without a neighbour (chunk 0) is scored exactly as the plain GPT scores it
+    gpt = load_model(runs["gpt"])
+    with torch.no_grad():
+        rag = score_rag(gpt, tiny_db, data)
+        plain = score_sequences(gpt, tiny_db, data, retrieval=False)
+    assert rag[0] == pytest.approx(plain[0], rel=1e-5)
+    assert not np.allclose(rag[1:], plain[1:])
+
+
+def test_cli_refuses_mismatched_and_missing_checkpoints(tiny_db_path, tmp_path, capsys):
+    from retrolm.cli import main
+    from retrolm.model.checkpoint import save_model
+    from retrolm.model.config import RetroConfig
+    from retrolm.model.retro import Retro
+
+    other = RetroConfig.from_name("tiny", chunk_size=8)  # database chunk size is 16
+    save_model(Retro(other), tmp_path / "other")
+    for ckpt in (tmp_path / "other", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--db", str(tiny_db_path), "--checkpoint", str(ckpt)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err
+
+
+def test_cli_json_output(tiny_db_path, runs, capsys):
+    import json
+
+    from retrolm.cli import main
+
+    main(["eval", "--db", str(tiny_db_path), "--checkpoint", str(runs["retro"].parent), "--split", "test",
+          "--json"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "test" and [r["model"] for r in out["rows"]] == ["RETRO", "RETRO-off"]
