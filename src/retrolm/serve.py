@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fastapi import Request  # module level: FastAPI resolves the string annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrolm.errors import RetrolmError
@@ -161,7 +162,7 @@ def create_app(
     speculative: bool = False,
 ):
     """The FastAPI app; loads the checkpoint (and database) once, or uses a given `engine`."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -185,7 +186,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_error_body(str(err), "invalid_request_error"), status_code=400)
+        first = err.errors()[0] if err.errors() else {}
+        message = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(_error_body(message, "invalid_request_error"), status_code=400)
 
     async def read_json(request: Request, schema: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length")
