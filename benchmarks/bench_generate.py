@@ -1,0 +1,207 @@
+"""Decoding speed: plain vs retrieval-draft speculative greedy, RETRO vs GPT, server load.
+
+    python benchmarks/bench_generate.py [--db DIR] [--retro-checkpoint DIR] [--gpt-checkpoint DIR]
+        [--prompts 8] [--prompt-tokens 64] [--max-new-tokens 128] [--threads N] [--serve-load]
+
+Prints JSON lines. Prompts are the starts of held-out (test split) documents. Defaults:
+the demo's database and checkpoints (runs/demo/db, runs/demo/**/final); else the
+builtin:pydocs database at runs/pydocs-db; else it builds runs/bench-gen/db from
+builtin:pydocs and trains tiny RETRO and GPT models for --train-minutes each in
+runs/bench-gen (and says so in the "setup" line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _complete_db(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _kind(checkpoint: Path) -> str | None:
+    try:
+        cfg = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "retro" if cfg.get("cca_layers") else "gpt"
+
+
+def find_setup(args) -> dict:
+    """Pick (or make) the database and the two checkpoints; record where they came from."""
+    notes = []
+    db = Path(args.db) if args.db else None
+    if db is None:
+        for cand in (ROOT / "runs/demo/db", ROOT / "runs/pydocs-db"):
+            if _complete_db(cand):
+                db = cand
+                break
+    if db is None:
+        from retrolm.db.database import RetrievalDB
+
+        db = ROOT / "runs/bench-gen/db"
+        notes.append("built runs/bench-gen/db from builtin:pydocs")
+        RetrievalDB.build("builtin:pydocs", db)
+    found = {"retro": args.retro_checkpoint, "gpt": args.gpt_checkpoint}
+    db_tok = json.loads((db / "manifest.json").read_text())["files"]["tokenizer.json"]["sha256"]
+    for kind in ("retro", "gpt"):
+        if found[kind]:
+            continue
+        for final in sorted((ROOT / "runs/demo").glob("**/final")) + sorted(
+            (ROOT / "runs/bench-gen").glob("*/final")
+        ):
+            state = final / "trainer_state.json"
+            trained_on = json.loads(state.read_text()).get("database") if state.is_file() else None
+            same_db = trained_on is not None and _complete_db(Path(trained_on)) and json.loads(
+                (Path(trained_on) / "manifest.json").read_text()
+            )["files"]["tokenizer.json"]["sha256"] == db_tok
+            if _kind(final) == kind and same_db:
+                found[kind] = str(final)
+                break
+        if not found[kind]:
+            from retrolm.train import TrainConfig, train
+
+            out = ROOT / "runs/bench-gen" / kind
+            notes.append(f"trained tiny {kind} for {args.train_minutes} min in {out}")
+            found[kind] = str(train(db, "tiny", out, TrainConfig(
+                minutes=args.train_minutes, retrieval=kind == "retro", lr=3e-3, checkpoint_every=0,
+                resume=True,
+            )))  # fmt: skip
+    return {"db": str(db), "retro": found["retro"], "gpt": found["gpt"], "notes": notes}
+
+
+def bench_decoding(setup: dict, args) -> None:
+    import torch
+
+    from retrolm.db.database import RetrievalDB
+    from retrolm.degeneration import held_out_prompts
+    from retrolm.generate import generate
+    from retrolm.model.checkpoint import load_model
+
+    db = RetrievalDB.open(setup["db"], verify=False)
+    prompts = held_out_prompts(db, args.prompts, args.prompt_tokens, seed=0)
+    texts = [db.tokenizer.decode(p) for p in prompts]
+    speed = {}
+    for kind in ("retro", "gpt"):
+        model = load_model(setup[kind], map_location=args.device).eval()
+        kw = dict(db=db, max_new_tokens=args.max_new_tokens, greedy=True)
+        generate(model, db.tokenizer, texts[:1], prompt_ids=prompts[:1], **{**kw, "max_new_tokens": 8})
+        totals = {"plain": [0, 0.0], "speculative": [0, 0.0]}
+        accepted, steps, identical, origin = [], 0, True, {"neighbours": 0, "history": 0}
+        for text, ids in zip(texts, prompts, strict=True):  # interleaved: same load on both
+            plain = generate(model, db.tokenizer, text, prompt_ids=[ids], **kw)[0]
+            spec = generate(model, db.tokenizer, text, prompt_ids=[ids], speculative=True,
+                            draft_len=args.draft_len, **kw)[0]  # fmt: skip
+            identical &= plain.token_ids == spec.token_ids
+            for mode, res in (("plain", plain), ("speculative", spec)):
+                totals[mode][0] += res.stats["new_tokens"]
+                totals[mode][1] += res.stats["seconds"]
+            accepted += spec.stats["accepted_lengths"]
+            steps += spec.stats["model_steps"]
+            for key, n in spec.stats["accepted_from"].items():
+                origin[key] += n
+        tps = {mode: n / s for mode, (n, s) in totals.items()}
+        speed[kind] = tps["plain"]
+        for mode in ("plain", "speculative"):
+            emit({"bench": "decode", "model": kind, "checkpoint": setup[kind], "mode": mode,
+                  "prompts": len(prompts), "new_tokens": totals[mode][0],
+                  "seconds": round(totals[mode][1], 3), "tokens_per_s": round(tps[mode], 1)})
+        emit({"bench": "speculative", "model": kind, "speedup": round(tps["speculative"] / tps["plain"], 3),
+              "mean_accepted_draft": round(sum(accepted) / max(1, len(accepted)), 3),
+              "tokens_per_model_step": round(totals["speculative"][0] / max(1, steps), 3),
+              "accepted_tokens_from": origin, "identical_to_plain_greedy": identical,
+              "draft_len": args.draft_len, "threads": torch.get_num_threads()})
+    emit({"bench": "retro_vs_gpt_decode", "retro_tokens_per_s": round(speed["retro"], 1),
+          "gpt_tokens_per_s": round(speed["gpt"], 1),
+          "retro_over_gpt_time": round(speed["gpt"] / speed["retro"], 3)})
+
+
+def bench_serve_load(setup: dict, args) -> None:
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from retrolm.serve import Engine, ServeLimits, create_app
+
+    engine = Engine.load(setup["retro"], setup["db"], device=args.device)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine, limits=ServeLimits()),
+                                           host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def one(i: int) -> tuple[float, bool]:
+        payload = {"prompt": "To open a file in Python", "max_tokens": args.serve_tokens,
+                   "temperature": 0.0 if i % 2 else 0.8, "seed": i, "stream": i % 4 == 1}
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=60) as http:
+            r = http.post(url, json=payload)
+        ok = r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if payload["stream"]
+                                       else "choices" in r.json())
+        return time.perf_counter() - t0, ok
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(one, range(200)))
+    wall = time.perf_counter() - t0
+    lat = [t for t, _ in out]
+    healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    server.should_exit = True
+    thread.join(timeout=10)
+    emit({"bench": "serve_load", "model": setup["retro"], "clients": 8, "requests": 200,
+          "max_tokens": args.serve_tokens, "all_ok": all(ok for _, ok in out), "healthy_after": healthy,
+          "requests_per_s": round(200 / wall, 2), "p50_ms": round(statistics.median(lat) * 1000, 1),
+          "p95_ms": round(statistics.quantiles(lat, n=20)[-1] * 1000, 1)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db")
+    ap.add_argument("--retro-checkpoint")
+    ap.add_argument("--gpt-checkpoint")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--draft-len", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train-minutes", type=float, default=4.0)
+    ap.add_argument("--serve-load", action="store_true", help="also run the 8-client, 200-request load test")
+    ap.add_argument("--serve-tokens", type=int, default=16)
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = find_setup(args)
+    emit({"bench": "setup", **setup, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+          "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "device": args.device,
+          "python": sys.version.split()[0], "torch": torch.__version__})
+    if not args.skip_decode:
+        bench_decoding(setup, args)
+    if args.serve_load:
+        bench_serve_load(setup, args)
+
+
+if __name__ == "__main__":
+    main()
