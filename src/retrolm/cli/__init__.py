@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve",
     "eval",
     "demo",
+    "retrofit",
+    "qa",
 )
 
 app = typer.Typer(
