@@ -169,7 +169,8 @@ def decode_tokens(
             boundary = start + (m - 1 - start % m) if start % m != m - 1 else start + m
             room = min(room, boundary - start - 1)
         context = row.prompt_ids + row.generated
-        sources = retriever.neighbour_tokens(0, (start + 1) // m - 1) if retriever else []
+        # neighbours of the newest chunks complete before `pending` (the drafts continue them)
+        sources = retriever.neighbour_tokens(0, start // m - 1) if retriever else []
         draft, origin = propose_draft(context, sources, min(draft_len, room))
         feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
         logits, cache = model.step(feed, cache, retriever)
