@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from retrolm.atomic import atomic_path, write_json
+from retrolm.atomic import atomic_path, sha256_file, write_json
 from retrolm.errors import RetrolmError
 
 # RETRO step time / GPT step time for cpu-small under bf16 autocast (docs/model.md: 1.69-1.72).
@@ -256,9 +256,12 @@ def run_demo(
     progress: bool = True,
     train_overrides: dict[str, Any] | None = None,
     model_overrides: dict[str, Any] | None = None,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo into `out`; return the results (also in `<out>/results.json`).
 
+    `tokens` fixes the training tokens of each run instead of deriving them from
+    `minutes` (results then do not depend on the machine's load; wall time does).
     `train_overrides` / `model_overrides` change the preset's TrainConfig fields / model
     config fields (for experiments; they are part of the stored plan).
     """
@@ -294,12 +297,12 @@ def run_demo(
     # 2. plan (stored: a re-run keeps it)
     config = RetroConfig.from_name(preset["model"], vocab_size=db.vocab_size, chunk_size=db.chunk_size,
                                    **preset["overrides"])  # fmt: skip
-    key = {"corpus": corpus, "tiny": tiny, "retriever": retriever, "minutes": minutes,
+    key = {"corpus": corpus, "tiny": tiny, "retriever": retriever, "minutes": minutes, "tokens": tokens,
            "model": config.to_dict(), "train": preset["train"]}  # fmt: skip
 
     def make() -> dict[str, Any]:
-        if tiny:
-            return {"gpt_budget": {"tokens": TINY["tokens"]}}
+        if tiny or tokens is not None:
+            return {"gpt_budget": {"tokens": tokens or TINY["tokens"]}}
         left = minutes - (time.time() - t0) / 60 - preset["eval_reserve_minutes"]
         gpt_minutes = max(0.5, left / (1 + RETRO_TIME_RATIO))
         if left / (1 + RETRO_TIME_RATIO) < 0.5:
@@ -323,14 +326,26 @@ def run_demo(
     write_json(timings_path, timings)
 
     # 4. evaluation on both held-out splits (the headline is HEADLINE_SPLIT)
+    # (cached in <out>/eval_cache.json, keyed by the checkpoints' weights, so a re-run is quick)
     t = time.time()
     finals = [runs["GPT"] / "final", runs["RETRO"] / "final"]
-    results = {s: evaluate(db, finals, split=s, k=settings["k"]) for s in ("valid", "test")}
-    timings["eval_seconds_last"] = round(time.time() - t, 1)
+    splits = (HEADLINE_SPLIT,) if tiny else ("valid", "test")
+    cache_key = {"weights": [sha256_file(f / "model.safetensors") for f in finals], "k": settings["k"],
+                 "splits": list(splits), "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
+    cache_path = out / "eval_cache.json"
+    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cached.get("key") == cache_key:
+        log("reusing the evaluation of these checkpoints (eval_cache.json)")
+        results, samples = cached["eval"], cached["samples"]
+    else:
+        results = {s: evaluate(db, finals, split=s, k=settings["k"]) for s in splits}
+        # 5. one sample per model
+        samples = sample_generations(db, runs, HEADLINE_SPLIT, db.chunk_size + db.chunk_size // 2,
+                                     db.chunk_size + db.chunk_size // 2, settings["k"])  # fmt: skip
+        write_json(cache_path, {"key": cache_key, "eval": results, "samples": samples})
+        timings["eval_seconds"] = round(time.time() - t, 1)
 
-    # 5. samples, curves, leakage checks, report
-    samples = sample_generations(db, runs, HEADLINE_SPLIT, db.chunk_size + db.chunk_size // 2,
-                                 db.chunk_size + db.chunk_size // 2, settings["k"])  # fmt: skip
+    # 6. curves, leakage checks, report
     curves = plot_curves(runs, out / "loss_curves.png")
     wall = time.time() - t0
     timings["last_invocation_seconds"] = round(wall, 1)
@@ -431,8 +446,8 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         f"**RETRO/GPT perplexity on the held-out `{s['headline_split']}` split: {head['ratio']:.3f}** "
         f"(GPT {head['GPT']:.2f}, RETRO {head['RETRO']:.2f}); this {target} the target ratio <= 0.85. "
-        "Both splits hold documents that are not in the database; `valid` was used to choose the "
-        "training settings, `test` is the headline.",
+        "Both held-out splits hold only documents that are not in the database; `valid` was used to "
+        "choose the training settings, `test` is the headline (--tiny evaluates `test` only).",
         "",
         "## Comparison",
         "",
@@ -451,7 +466,8 @@ def render_report(s: dict[str, Any]) -> str:
         "",
     ]
     for split in ("test", "valid"):
-        lines += [f"### {split}", "", to_markdown(s["eval"][split])]
+        if split in s["eval"]:
+            lines += [f"### {split}", "", to_markdown(s["eval"][split])]
     lines += [
         "## Leakage controls in force (checked on the built database)",
         "",
@@ -499,7 +515,7 @@ def render_report(s: dict[str, Any]) -> str:
         "## Wall time",
         "",
         f"- database: {t.get('db_seconds', 'n/a')} s; GPT training: {t.get('gpt_seconds', 'n/a')} s; RETRO "
-        f"training: {t.get('retro_seconds', 'n/a')} s; evaluation (last run): {t.get('eval_seconds_last')} s.",
+        f"training: {t.get('retro_seconds', 'n/a')} s; evaluation and samples: {t.get('eval_seconds', 'n/a')} s.",
         f"- this invocation: {t['last_invocation_seconds']} s"
         + (f"; first complete run: {t['first_run_seconds']} s" if "first_run_seconds" in t else "")
         + (" (database and checkpoints reused)" if s["db_reused"] else "") + ".",
