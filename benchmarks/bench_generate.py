@@ -83,7 +83,6 @@ def find_setup(args) -> dict:
 
 
 def bench_decoding(setup: dict, args) -> None:
-    import torch
 
     from retrolm.db.database import RetrievalDB
     from retrolm.degeneration import held_out_prompts
@@ -96,36 +95,46 @@ def bench_decoding(setup: dict, args) -> None:
     speed = {}
     for kind in ("retro", "gpt"):
         model = load_model(setup[kind], map_location=args.device).eval()
-        kw = dict(db=db, max_new_tokens=args.max_new_tokens, greedy=True)
+        kw = dict(db=db, max_new_tokens=args.max_new_tokens, greedy=True, draft_len=args.draft_len)
         generate(model, db.tokenizer, texts[:1], prompt_ids=prompts[:1], **{**kw, "max_new_tokens": 8})
-        totals = {"plain": [0, 0.0], "speculative": [0, 0.0]}
-        accepted, steps, identical, origin = [], 0, True, {"neighbours": 0, "history": 0}
-        for text, ids in zip(texts, prompts, strict=True):  # interleaved: same load on both
-            plain = generate(model, db.tokenizer, text, prompt_ids=[ids], **kw)[0]
-            spec = generate(model, db.tokenizer, text, prompt_ids=[ids], speculative=True,
-                            draft_len=args.draft_len, **kw)[0]  # fmt: skip
-            identical &= plain.token_ids == spec.token_ids
-            for mode, res in (("plain", plain), ("speculative", spec)):
-                totals[mode][0] += res.stats["new_tokens"]
-                totals[mode][1] += res.stats["seconds"]
-            accepted += spec.stats["accepted_lengths"]
-            steps += spec.stats["model_steps"]
-            for key, n in spec.stats["accepted_from"].items():
-                origin[key] += n
-        tps = {mode: n / s for mode, (n, s) in totals.items()}
-        speed[kind] = tps["plain"]
-        for mode in ("plain", "speculative"):
-            emit({"bench": "decode", "model": kind, "checkpoint": setup[kind], "mode": mode,
-                  "prompts": len(prompts), "new_tokens": totals[mode][0],
-                  "seconds": round(totals[mode][1], 3), "tokens_per_s": round(tps[mode], 1)})
-        emit({"bench": "speculative", "model": kind, "speedup": round(tps["speculative"] / tps["plain"], 3),
-              "mean_accepted_draft": round(sum(accepted) / max(1, len(accepted)), 3),
-              "tokens_per_model_step": round(totals["speculative"][0] / max(1, steps), 3),
-              "accepted_tokens_from": origin, "identical_to_plain_greedy": identical,
-              "draft_len": args.draft_len, "threads": torch.get_num_threads()})
-    emit({"bench": "retro_vs_gpt_decode", "retro_tokens_per_s": round(speed["retro"], 1),
-          "gpt_tokens_per_s": round(speed["gpt"], 1),
-          "retro_over_gpt_time": round(speed["gpt"] / speed["retro"], 3)})
+        modes = {"plain": {}, "speculative": {"speculative": True}}
+        if kind == "retro":  # what the neighbours alone contribute
+            modes["speculative_neighbours_only"] = {"speculative": True, "draft_history": False}
+        agg = {mode: {"tokens": 0, "seconds": 0.0, "retrieval_s": 0.0, "steps": 0, "accepted": [],
+                      "from": {"neighbours": 0, "history": 0}, "identical": True} for mode in modes}
+        for text, ids in zip(texts, prompts, strict=True):  # interleaved: same load on every mode
+            ref = None
+            for mode, extra in modes.items():
+                res = generate(model, db.tokenizer, text, prompt_ids=[ids], **kw, **extra)[0]
+                a = agg[mode]
+                ref = ref if ref is not None else res.token_ids
+                a["identical"] &= res.token_ids == ref
+                a["tokens"] += res.stats["new_tokens"]
+                a["seconds"] += res.stats["seconds"]
+                a["retrieval_s"] += res.stats["retrieval_seconds"]
+                a["steps"] += res.stats["model_steps"]
+                a["accepted"] += res.stats["accepted_lengths"]
+                for key, n in res.stats["accepted_from"].items():
+                    a["from"][key] += n
+        plain_tps = agg["plain"]["tokens"] / agg["plain"]["seconds"]
+        speed[kind] = (plain_tps, agg["plain"])
+        for mode, a in agg.items():
+            tps = a["tokens"] / a["seconds"]
+            rec = {"bench": "decode", "model": kind, "checkpoint": setup[kind], "mode": mode,
+                   "prompts": len(prompts), "new_tokens": a["tokens"], "seconds": round(a["seconds"], 3),
+                   "tokens_per_s": round(tps, 1), "retrieval_seconds": round(a["retrieval_s"], 3),
+                   "tokens_per_model_step": round(a["tokens"] / max(1, a["steps"]), 3)}
+            if mode != "plain":
+                rec.update({"speedup_vs_plain": round(tps / plain_tps, 3),
+                            "mean_accepted_draft": round(sum(a["accepted"]) / max(1, len(a["accepted"])), 3),
+                            "accepted_tokens_from": a["from"], "identical_to_plain_greedy": a["identical"],
+                            "draft_len": args.draft_len})
+            emit(rec)
+    (r_tps, r), (g_tps, _) = speed["retro"], speed["gpt"]
+    emit({"bench": "retro_vs_gpt_decode", "retro_tokens_per_s": round(r_tps, 1), "gpt_tokens_per_s": round(g_tps, 1),
+          "retro_over_gpt_time": round(g_tps / r_tps, 3),
+          "retro_tokens_per_s_excluding_search": round(r["tokens"] / (r["seconds"] - r["retrieval_s"]), 1),
+          "retro_search_share": round(r["retrieval_s"] / r["seconds"], 3)})
 
 
 def bench_serve_load(setup: dict, args) -> None:

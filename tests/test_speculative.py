@@ -8,7 +8,7 @@ import torch
 
 from retrolm.errors import RetrolmError
 from retrolm.generate import generate
-from retrolm.generation.speculative import propose_draft
+from retrolm.generation.speculative import DraftBudget, propose_draft
 from test_generate import tiny_model
 
 
@@ -36,9 +36,25 @@ def test_draft_falls_back_to_history_then_nothing():
     assert (draft, origin) == ([8, 8, 3, 1, 2], "history")
     assert propose_draft([4, 5, 6], [], max_len=4) == ([], "")
     assert propose_draft([1, 2, 1, 2], [], max_len=0) == ([], "")
-    # a single-token match is used for neighbours but not for the history
-    assert propose_draft([3, 1], [np.array([1, 9])], max_len=4)[0] == [9]
-    assert propose_draft([1, 5, 3, 1], [], max_len=4)[0] == []
+    # single-token matches only when asked for, and never in the history
+    assert propose_draft([3, 1], [np.array([1, 9])], max_len=4)[0] == []
+    assert propose_draft([3, 1], [np.array([1, 9])], max_len=4, min_ngram=1)[0] == [9]
+    assert propose_draft([1, 5, 3, 1], [], max_len=4, min_ngram=1)[0] == []
+
+
+def test_draft_budget_shrinks_after_rejections_and_recovers():
+    budget = DraftBudget(8)
+    assert budget.limit("neighbours") == 8
+    for _ in range(6):
+        budget.update("neighbours", 0)
+    assert budget.limit("neighbours") <= 2 and budget.limit("history") == 8
+    for _ in range(10):
+        budget.update("neighbours", 0)
+    limits = [budget.limit("neighbours") for _ in range(16)]
+    assert limits.count(0) == 14 and all(0 < n <= 2 for n in limits if n)  # starved: only probes
+    for _ in range(6):
+        budget.update("neighbours", 8)
+    assert budget.limit("neighbours") == 8
 
 
 PROMPTS = [

@@ -30,7 +30,7 @@ import torch
 from retrolm.errors import RetrolmError
 from retrolm.generation.retrieval import ChunkRetrieval, OnlineRetriever
 from retrolm.generation.sampling import SamplingParams, choose_next
-from retrolm.generation.speculative import propose_draft
+from retrolm.generation.speculative import DraftBudget, propose_draft
 
 
 @dataclass
@@ -120,6 +120,7 @@ def decode_tokens(
     seeds: list[int],
     speculative: bool = False,
     draft_len: int = 8,
+    draft_history: bool = True,
 ) -> Iterator[tuple[list[_Row], dict[str, Any]]]:
     """Decode one batch; yield (rows, stats) after every model step (rows grow in place).
 
@@ -156,6 +157,7 @@ def decode_tokens(
             stats["model_steps"] += 1
             nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)
     row, m = rows[0], model.config.chunk_size
+    budget = DraftBudget(draft_len)
     pending = int(nxt[0])
     while True:
         if checker.push(row, pending):
@@ -171,7 +173,8 @@ def decode_tokens(
         context = row.prompt_ids + row.generated
         # neighbours of the newest chunks complete before `pending` (the drafts continue them)
         sources = retriever.neighbour_tokens(0, start // m - 1) if retriever else []
-        draft, origin = propose_draft(context, sources, min(draft_len, room))
+        draft, origin = propose_draft(context, sources, min(draft_len, room), use_history=draft_history)
+        draft = draft[: budget.limit(origin)] if draft else draft
         feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
         logits, cache = model.step(feed, cache, retriever)
         stats["model_steps"] += 1
@@ -188,6 +191,7 @@ def decode_tokens(
             stats["drafted"] += len(draft)
             stats["accepted"].append(accepted)
             stats["accepted_from"][origin] += accepted
+            budget.update(origin, accepted)
         cache.rollback(start + 1 + accepted)
         for t in draft[:accepted]:
             if checker.push(row, t):
@@ -226,6 +230,7 @@ def generate(
     return_retrieval: bool = False,
     batch_size: int = 16,
     draft_len: int = 8,
+    draft_history: bool = True,
     prompt_ids: list[list[int]] | None = None,
     on_step: Callable[[int, list[int]], None] | None = None,
 ) -> list[GenerationResult]:
@@ -234,7 +239,8 @@ def generate(
     RETRO models need `db` (a `RetrievalDB`); GPT models ignore it. `k` neighbours per
     chunk (default: the model's training k). `speculative=True` requires `greedy=True`
     and gives exactly the greedy output, faster. `prompt_ids` (token ids per prompt)
-    replaces tokenising `prompts`. `on_step(prompt_index, new_token_ids_so_far)` is called
+    replaces tokenising `prompts`. `draft_history=False` drafts from neighbours only
+    (for measuring them). `on_step(prompt_index, new_token_ids_so_far)` is called
     after each model step (streaming).
     """
     single = isinstance(prompts, str)
@@ -270,7 +276,7 @@ def generate(
             stats: dict[str, Any] = {}
             for rows, step_stats in decode_tokens(
                 model, [prompt_ids[i] for i in group], params, checker, retriever,
-                [seed + i for i in group], speculative, draft_len,
+                [seed + i for i in group], speculative, draft_len, draft_history,
             ):  # fmt: skip
                 stats = step_stats
                 if on_step is not None:
@@ -299,6 +305,7 @@ def generate(
                         "model_steps": stats.get("model_steps", 0),
                         "retrieval_calls": retriever.calls if retriever is not None else 0,
                         "searches": retriever.searches if retriever is not None else 0,
+                        "retrieval_seconds": retriever.seconds if retriever is not None else 0.0,
                         "drafted": stats.get("drafted", 0),
                         "accepted_lengths": list(accepted),
                         "mean_accepted": sum(accepted) / len(accepted) if accepted else 0.0,

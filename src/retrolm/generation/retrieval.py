@@ -11,6 +11,7 @@ speculative rollback with the same tokens costs no second search.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class OnlineRetriever:
         self.device = device
         self.calls = 0  # number of retrieve() calls (one per completed chunk per step)
         self.searches = 0  # rows actually searched (memo misses)
+        self.seconds = 0.0  # time spent searching and gathering
         self.records: list[dict[int, ChunkRetrieval]] = [{} for _ in range(batch_size)]
         self.keys: list[dict[int, tuple[int, ...]]] = [{} for _ in range(batch_size)]
         self.tokens: list[dict[int, list[np.ndarray]]] = [{} for _ in range(batch_size)]  # real tokens
@@ -55,6 +57,7 @@ class OnlineRetriever:
     def __call__(self, u: int, chunk_tokens: Tensor) -> tuple[Tensor, Tensor] | None:
         """chunk_tokens (B, m) -> neighbours (B, k, r) int64 and mask (B, k, r) bool."""
         self.calls += 1
+        t0 = time.perf_counter()
         rows = chunk_tokens.detach().cpu().numpy()  # (B, m)
         keys = [tuple(int(t) for t in row) for row in rows]
         missing = [i for i, key in enumerate(keys) if key not in self._memo]
@@ -76,6 +79,7 @@ class OnlineRetriever:
                 u, text, [int(c) for c in row_ids[keep]], [float(s) for s in row_scores[keep]]
             )
             self.tokens[b][u] = [tokens[b, j][mask[b, j]] for j in range(tokens.shape[1]) if mask[b, j].any()]
+        self.seconds += time.perf_counter() - t0
         if not mask.any():
             return None  # nothing found for any row: zero CCA update, as a GPT
         return (

@@ -36,14 +36,16 @@ def propose_draft(
     neighbours: Sequence[np.ndarray],
     max_len: int,
     max_ngram: int = 4,
-    min_ngram: int = 1,
+    min_ngram: int = 2,
     history_min_ngram: int = 2,
+    use_history: bool = True,
 ) -> tuple[list[int], str]:
     """Draft up to `max_len` tokens to follow `context`; return (draft, where from).
 
     Longer suffix matches are tried first. For each suffix length n, the neighbours are
     searched (newest first), then `context` itself (n >= `history_min_ngram`, most
-    recent occurrence). "where from" is "neighbours", "history" or "" (no draft).
+    recent occurrence; skipped without `use_history`). "where from" is "neighbours",
+    "history" or "" (no draft).
     """
     if max_len <= 0 or len(context) == 0:
         return [], ""
@@ -54,8 +56,41 @@ def propose_draft(
             got = _continuations(np.asarray(nb, dtype=np.int64), suffix, max_len, latest=False)
             if len(got):
                 return [int(t) for t in got], "neighbours"
-        if n >= history_min_ngram and len(ctx) > n:
+        if use_history and n >= history_min_ngram and len(ctx) > n:
             got = _continuations(ctx, suffix, max_len, latest=True)  # the suffix itself is excluded
             if len(got):
                 return [int(t) for t in got], "history"
     return [], ""
+
+
+class DraftBudget:
+    """Adaptive draft length per source: long drafts while they are accepted, short when not.
+
+    Verifying d drafted tokens costs a step over 1 + d tokens; when a source's drafts keep
+    failing, its drafts shrink towards 1 token so a rejection costs little. Keeps an
+    exponential moving average of the accepted length per source; the next draft from that
+    source may have ceil(average) + 1 tokens (at most `max_len`). A source whose average
+    fell below `starved` drafts nothing, except one probe every `probe_every` proposals
+    (so it can recover). Output is unaffected: this only changes what is verified.
+    """
+
+    def __init__(self, max_len: int, decay: float = 0.7, starved: float = 0.2,
+                 probe_every: int = 8) -> None:
+        self.max_len = max_len
+        self.decay = decay
+        self.starved = starved
+        self.probe_every = probe_every
+        self.mean: dict[str, float] = {}
+        self.skipped: dict[str, int] = {}
+
+    def limit(self, source: str) -> int:
+        mean = self.mean.get(source, float(self.max_len))
+        if mean < self.starved:
+            self.skipped[source] = self.skipped.get(source, 0) + 1
+            if self.skipped[source] % self.probe_every:
+                return 0
+        return max(1, min(self.max_len, int(np.ceil(mean)) + 1))
+
+    def update(self, source: str, accepted: int) -> None:
+        mean = self.mean.get(source, float(self.max_len))
+        self.mean[source] = self.decay * mean + (1 - self.decay) * accepted
