@@ -25,9 +25,13 @@ def test_prompts_come_from_held_out_documents(tiny_db):
     prompts = held_out_prompts(tiny_db, 5, m, seed=0)
     assert prompts == held_out_prompts(tiny_db, 5, m, seed=0)
     assert prompts != held_out_prompts(tiny_db, 5, m, seed=1)
-    test = tiny_db.streams["test"]
-    starts = {tuple(int(t) for t in test.read(s, s + m)) for s, _ in test.docs}
+    starts = {
+        tuple(int(t) for t in tiny_db.streams[split].read(s, s + m))
+        for split in ("test", "valid") for s, _ in tiny_db.streams[split].docs
+    }
     assert all(len(p) == m and tuple(p) in starts for p in prompts)
+    train = tiny_db.streams["train"]
+    assert not any(tuple(int(t) for t in train.read(s, s + m)) in starts for s, _ in train.docs)
     with pytest.raises(RetrolmError, match="--prompts"):
         held_out_prompts(tiny_db, 10_000, m)
 

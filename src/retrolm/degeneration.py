@@ -1,7 +1,7 @@
 """Degeneration evaluation (SPEC §2): Repetition %, distinct-1/2 and mean length.
 
 Prompts are the first `prompt_tokens` tokens (default: one chunk, m) of documents from
-a held-out split of the database (never in the retrieval database), chosen with a seeded
+the held-out splits (test + valid) of the database (never in the retrieval database), chosen with a seeded
 shuffle. Every checkpoint continues the SAME prompts with nucleus sampling (p = 0.9,
 200 new tokens by default, same seeds); RETRO retrieves every m tokens with the model's
 k (2 by default). Prompts of equal length decode as one batch.
@@ -22,29 +22,29 @@ from retrolm.metrics import distinct_n, mean_length, repetition_rate
 def held_out_prompts(
     db: Any, n_prompts: int, prompt_tokens: int, seed: int = 0, split: str | None = None
 ) -> list[list[int]]:
-    """Token ids of `n_prompts` prompts: starts of held-out documents (test, else valid)."""
+    """Token ids of `n_prompts` prompts: starts of held-out documents.
+
+    Held-out = the test and valid splits pooled (or only `split`); documents longer than
+    `prompt_tokens` + 1 tokens qualify; a seeded permutation picks which.
+    """
     splits = [split] if split else ["test", "valid"]
+    pool: list[tuple[str, int]] = []
     for name in splits:
         if name not in db.streams:
             raise RetrolmError(f"the database has no {name!r} split")
-        stream = db.streams[name]
-        long_enough = np.flatnonzero(stream.docs[:, 1] > prompt_tokens + 1)
-        if len(long_enough):
-            break
-    else:
+        docs = db.streams[name].docs
+        pool += [(name, int(row)) for row in np.flatnonzero(docs[:, 1] > prompt_tokens + 1)]
+    if n_prompts > len(pool):
         raise RetrolmError(
-            f"no held-out document is longer than {prompt_tokens} tokens; use a larger corpus "
-            "or a smaller --prompt-tokens"
+            f"--prompts {n_prompts}: the held-out split(s) {'/'.join(splits)} have only {len(pool)} "
+            f"documents longer than {prompt_tokens} tokens; ask for fewer prompts"
         )
-    order = np.random.default_rng(seed).permutation(long_enough)
-    if n_prompts > len(order):
-        raise RetrolmError(
-            f"--prompts {n_prompts}: the {name} split has only {len(order)} documents long enough"
-        )
+    order = np.random.default_rng(seed).permutation(len(pool))
     out = []
-    for row in order[:n_prompts]:
-        start = int(stream.docs[row, 0])
-        out.append([int(t) for t in stream.read(start, start + prompt_tokens)])
+    for i in order[:n_prompts]:
+        name, row = pool[int(i)]
+        start = int(db.streams[name].docs[row, 0])
+        out.append([int(t) for t in db.streams[name].read(start, start + prompt_tokens)])
     return out
 
 
