@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,13 @@ def test_prompts_come_from_held_out_documents(tiny_db):
     assert not any(tuple(int(t) for t in train.read(s, s + m)) in starts for s, _ in train.docs)
     with pytest.raises(RetrolmError, match="--prompts"):
         held_out_prompts(tiny_db, 10_000, m)
+    # more prompts than documents: later windows of the same documents, still held-out text
+    n_docs = sum(int((tiny_db.streams[s].docs[:, 1] > m + 1).sum()) for s in ("test", "valid"))
+    many = held_out_prompts(tiny_db, n_docs + 3, m // 2)
+    assert len(many) == n_docs + 3
+    held = np.concatenate([np.asarray(tiny_db.streams[s].tokens) for s in ("test", "valid")])
+    text = " ".join(map(str, held.tolist()))
+    assert all(" ".join(map(str, p)) in text for p in many)
 
 
 def test_evaluate_degeneration_gpt_and_retro(tiny_db, tmp_path):

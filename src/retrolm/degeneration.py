@@ -22,29 +22,32 @@ from retrolm.metrics import distinct_n, mean_length, repetition_rate
 def held_out_prompts(
     db: Any, n_prompts: int, prompt_tokens: int, seed: int = 0, split: str | None = None
 ) -> list[list[int]]:
-    """Token ids of `n_prompts` prompts: starts of held-out documents.
+    """Token ids of `n_prompts` prompts of `prompt_tokens` tokens from held-out documents.
 
-    Held-out = the test and valid splits pooled (or only `split`); documents longer than
-    `prompt_tokens` + 1 tokens qualify; a seeded permutation picks which.
+    Held-out = the test and valid splits pooled (or only `split`). Every document starts
+    contribute first (seeded order); if more prompts are needed, later windows of the same
+    documents follow (offsets 2p, 4p, ... so prompts never overlap each other's text).
     """
     splits = [split] if split else ["test", "valid"]
-    pool: list[tuple[str, int]] = []
+    pool: list[tuple[int, str, int]] = []  # (window rank j, split, stream start)
+    p = prompt_tokens
     for name in splits:
         if name not in db.streams:
             raise RetrolmError(f"the database has no {name!r} split")
-        docs = db.streams[name].docs
-        pool += [(name, int(row)) for row in np.flatnonzero(docs[:, 1] > prompt_tokens + 1)]
+        for start, length in db.streams[name].docs:
+            for j, offset in enumerate(range(0, int(length) - p - 1, 2 * p)):
+                pool.append((j, name, int(start) + offset))
     if n_prompts > len(pool):
         raise RetrolmError(
-            f"--prompts {n_prompts}: the held-out split(s) {'/'.join(splits)} have only {len(pool)} "
-            f"documents longer than {prompt_tokens} tokens; ask for fewer prompts"
+            f"--prompts {n_prompts}: the held-out split(s) {'/'.join(splits)} hold only {len(pool)} "
+            f"prompts of {p} tokens; ask for fewer prompts"
         )
-    order = np.random.default_rng(seed).permutation(len(pool))
+    perm = np.random.default_rng(seed).permutation(len(pool))
+    order = sorted(range(len(pool)), key=lambda i: (pool[i][0], perm[i]))
     out = []
     for i in order[:n_prompts]:
-        name, row = pool[int(i)]
-        start = int(db.streams[name].docs[row, 0])
-        out.append([int(t) for t in db.streams[name].read(start, start + prompt_tokens)])
+        _, name, start = pool[i]
+        out.append([int(t) for t in db.streams[name].read(start, start + p)])
     return out
 
 
