@@ -387,6 +387,8 @@ def load_for_generation(
                     f"from {opened.path}'s; use that database (or one built with --tokenizer from it)"
                 )
         check_compatible(model, tokenizer, opened)
+        if _is_retro(model):
+            _ = opened.retriever  # load the encoder / index now, not inside the first step
     elif (ckpt / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     elif trained is not None and (trained / "tokenizer.json").is_file():

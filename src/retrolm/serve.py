@@ -96,7 +96,9 @@ class Engine:
         from retrolm.generate import load_for_generation
 
         model, tokenizer, database = load_for_generation(checkpoint, db, device=device)
-        return cls(model, tokenizer, database, name=Path(checkpoint).resolve().name, speculative=speculative)
+        path = Path(checkpoint).resolve()
+        name = f"{path.parent.name}/{path.name}" if path.name == "final" else path.name
+        return cls(model, tokenizer, database, name=name, speculative=speculative)
 
     def try_reserve(self, limit: int) -> bool:
         with self._count_lock:
