@@ -172,9 +172,12 @@ def decode_tokens(
             room = min(room, boundary - start - 1)
         context = row.prompt_ids + row.generated
         # neighbours of the newest chunks complete before `pending` (the drafts continue them)
-        sources = retriever.neighbour_tokens(0, start // m - 1) if retriever else []
-        draft, origin = propose_draft(context, sources, min(draft_len, room), use_history=draft_history)
-        draft = draft[: budget.limit(origin)] if draft else draft
+        limits = {"neighbours": budget.limit("neighbours") if retriever else 0,
+                  "history": budget.limit("history") if draft_history else 0}  # fmt: skip
+        sources = retriever.neighbour_tokens(0, start // m - 1) if limits["neighbours"] else []
+        draft, origin = propose_draft(context, sources, min(draft_len, room),
+                                      use_history=limits["history"] > 0)  # fmt: skip
+        draft = draft[: limits[origin]] if draft else draft
         feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
         logits, cache = model.step(feed, cache, retriever)
         stats["model_steps"] += 1
