@@ -132,3 +132,13 @@ def test_cli_json_output(tiny_db_path, runs, capsys):
           "--json"])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["split"] == "test" and [r["model"] for r in out["rows"]] == ["RETRO", "RETRO-off"]
+
+
+def test_cli_degeneration_flag(tiny_db_path, runs, capsys):
+    from retrolm.cli import main
+
+    main(["eval", "--db", str(tiny_db_path), "--checkpoint", str(runs["gpt"].parent), "--checkpoint",
+          str(runs["retro"].parent), "--no-rag", "--degeneration", "--prompts", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "| checkpoint | kind | repetition % |" in out
+    assert "| gpt |" in out.replace(str(runs["gpt"]), "gpt") and "| retro |" in out

@@ -27,12 +27,13 @@ def eval_command(
         False, "--degeneration", help="Also measure repetition % of sampled generations (SPEC §2)."
     ),
     prompts: int = typer.Option(100, "--prompts", help="Prompts for --degeneration."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens per --degeneration sample."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
-    from retrolm.evaluate import evaluate, to_markdown
+    from retrolm.evaluate import evaluate, resolve_checkpoint, to_markdown
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")
@@ -46,10 +47,22 @@ def eval_command(
             raise RetrolmError(
                 f"--degeneration needs retrolm.degeneration, which this installation lacks ({err})"
             ) from None
-        result["degeneration"] = evaluate_degeneration(database, list(checkpoint), prompts)
+        dirs = [resolve_checkpoint(c) for c in checkpoint]
+        result["degeneration"] = evaluate_degeneration(database, dirs, prompts, max_new_tokens=max_new_tokens,
+                                                       k=result["k"])  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=float))
         return
     typer.echo(to_markdown(result))
     if degeneration:
-        typer.echo("Degeneration:\n" + json.dumps(result["degeneration"], indent=2, default=float))
+        typer.echo(_degeneration_markdown(result["degeneration"], prompts, max_new_tokens))
+
+
+def _degeneration_markdown(deg: dict, prompts: int, max_new_tokens: int) -> str:
+    lines = [f"Degeneration (SPEC §2): {prompts} held-out prompts, {max_new_tokens} new tokens, top-p 0.9.", "",
+             "| checkpoint | kind | repetition % | distinct-1 | distinct-2 | mean length |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in deg["checkpoints"]:
+        lines.append(f"| {row['checkpoint']} | {row['kind']} | {row['repetition_pct']:.2f} | "
+                     f"{row['distinct_1']:.3f} | {row['distinct_2']:.3f} | {row['mean_length']:.1f} |")
+    return "\n".join(lines) + "\n"
