@@ -17,6 +17,21 @@ from retrolm.errors import RetrolmError
 M = 16  # chunk size of the test database
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a shared machine far faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env():
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def twin_corpus(path, n=400, words=50, seed=0):
     """Documents of 50 words drawn from 3 two-letter words each (of 70), plus a db_only twin
     (one word changed) of every document: the neighbours tell which 3 words a document
@@ -261,7 +276,7 @@ def test_cli_retrofit_from_hf(hf_dir, twin_db, tmp_path):
         [sys.executable, "-m", "retrolm", "retrofit", "--source", str(hf_dir), "--db", str(twin_db.path),
          "--out", str(out), "--tokens", str(64 * 4 * 3), "--batch-size", "4", "--seq-len", "64",
          "--eval-sequences", "4", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, env=_env(), timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "retrofit.json").read_text())
@@ -270,6 +285,6 @@ def test_cli_retrofit_from_hf(hf_dir, twin_db, tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "retrolm", "retrofit", "--source", str(tmp_path / "nope"),
          "--db", str(twin_db.path), "--out", str(tmp_path / "x"), "--tokens", "64"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, env=_env(), timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
