@@ -254,17 +254,27 @@ def test_replay_mixes_neighbour_free_sequences(twin_db):
         ReplayDataset(base, replay, share=1.5)
 
 
-def test_replay_is_refused_with_a_frozen_decoder(gpt_dir, twin_db, tmp_path):
-    import dataclasses
+def test_trainer_replay_wiring(gpt_dir, twin_db, tmp_path):
+    from retrolm.db.database import RetrievalDB
+    from retrolm.retrofit import build_retrofit, retrofit
+    from retrolm.train import train
 
-    from retrolm.retrofit import retrofit
-
-    cfg = _train_cfg(tokens=64 * 8)
-    if "replay_share" not in {f.name for f in dataclasses.fields(cfg)}:
-        pytest.skip("trainer without replay support")
-    cfg = dataclasses.replace(cfg, replay_share=0.2)
-    with pytest.raises(RetrolmError, match="replay"):
-        retrofit(gpt_dir, twin_db.path, tmp_path / "rf", cfg, freeze=True)
+    with pytest.raises(RetrolmError, match="replay"):  # no gradient for encoder + CCA
+        retrofit(gpt_dir, twin_db.path, tmp_path / "a", _train_cfg(tokens=64, replay_share=0.2),
+                 freeze=True)  # fmt: skip
+    report = retrofit(gpt_dir, twin_db.path, tmp_path / "b", _train_cfg(tokens=64 * 8 * 2, replay_share=0.5),
+                      freeze=False, eval_sequences=2)  # fmt: skip
+    state = json.loads((tmp_path / "b" / "final" / "trainer_state.json").read_text())
+    assert state["train_config"]["replay_share"] == 0.5 and report["mode"] == "full"
+    # the trainer really builds the replay data: a replay database with another vocabulary is refused
+    other = RetrievalDB.build(str(twin_corpus(tmp_path / "other.jsonl", n=40)), tmp_path / "other",
+                              retriever="bm25", chunk_size=M, vocab_size=300, neighbors=2,
+                              split=(90, 5, 5), progress=False)  # fmt: skip
+    assert other.vocab_size != twin_db.vocab_size
+    model, _ = build_retrofit(gpt_dir, twin_db.vocab_size, M)
+    with pytest.raises(RetrolmError, match="replay-db vocabulary"):
+        train(twin_db.path, model, tmp_path / "c",
+              _train_cfg(tokens=64, replay_share=0.2, replay_db=str(other.path)))  # fmt: skip
 
 
 # -- CLI -----------------------------------------------------------------------------------------------

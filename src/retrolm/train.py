@@ -43,7 +43,7 @@ _UNKNOWN_TOTAL = 10**9
 _TRAJECTORY_FIELDS = (
     "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "beta1", "beta2", "grad_clip", "k", "retrieval", "exclude_sample_docs",
-    "tokens", "minutes", "bf16", "seed",
+    "tokens", "minutes", "bf16", "seed", "replay_share", "replay_db",
 )  # fmt: skip
 
 
@@ -76,6 +76,8 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
     rewarm: bool = False  # re-warm from the floor even without init_from (a retro-fitted module)
+    replay_share: float = 0.0  # share of sequences replayed without neighbours (retrolm.replay)
+    replay_db: str | None = None  # database to replay from; None: this database's LM data
     device: str | None = None  # None: cuda if available else cpu
     progress: bool = True
 
@@ -219,6 +221,8 @@ class _Run:
             retrieval=cfg.retrieval,
             exclude_sample_docs=cfg.exclude_sample_docs,
         )  # fmt: skip
+        if cfg.replay_share:
+            self.dataset = _with_replay(self.dataset, cfg, seq_len)
         if cfg.batch_size % (cfg.grad_accum * dist.world_size):
             raise RetrolmError(
                 f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x "
@@ -455,6 +459,21 @@ class _Run:
         if dist.is_main:
             plot_loss(self.out_dir, title=f"{'RETRO' if cfg.retrieval else 'GPT'} training loss")
         return final_dir
+
+
+def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
+    """Mix `cfg.replay_share` neighbour-free LM sequences (of `replay_db`, else this database)."""
+    from retrolm.data import RetroDataset
+    from retrolm.replay import ReplayDataset
+
+    source = _open_database(Path(cfg.replay_db)) if cfg.replay_db else dataset.db
+    if source.vocab_size != dataset.db.vocab_size:
+        raise RetrolmError(
+            f"--replay-db vocabulary {source.vocab_size} differs from the database's "
+            f"{dataset.db.vocab_size}; replay from a database built with the same tokenizer"
+        )
+    replay = RetroDataset(source, "train", seq_len, retrieval=False)
+    return ReplayDataset(dataset, replay, cfg.replay_share, cfg.seed)
 
 
 def _open_database(path: Path) -> Any:
