@@ -185,7 +185,8 @@ def test_load_on_loopback(engine):
     import uvicorn
 
     port = _free_port()
-    config = uvicorn.Config(create_app(engine=engine, limits=LIMITS), host="127.0.0.1", port=port,
+    limits = ServeLimits(max_prompt_tokens=64, max_tokens=5000)
+    config = uvicorn.Config(create_app(engine=engine, limits=limits), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -222,6 +223,20 @@ def test_load_on_loopback(engine):
         assert len(latencies) == n_requests and wall < 120
         health = httpx.get(f"{url}/health", timeout=10)
         assert health.status_code == 200 and health.json()["pending"] == 0
+
+        # a streaming client that hangs up stops its (long) generation at once
+        t_drop = time.perf_counter()
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                          json={"prompt": "otter", "max_tokens": 5000, "temperature": 0,
+                                "stream": True}) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: {")
+        while httpx.get(f"{url}/health", timeout=10).json()["pending"]:
+            # 5000 greedy tokens (a loop, no EOS) take far longer than 3 s on a CPU
+            assert time.perf_counter() - t_drop < 3, "generation kept running after the client left"
+            time.sleep(0.05)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "otter", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
         p95 = statistics.quantiles(latencies, n=20)[-1]
         print(f"\nload test: {n_requests} requests, {n_clients} clients, {n_requests / wall:.1f} req/s, "
               f"p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
