@@ -165,8 +165,11 @@ def build_example(
     else:
         raise RetrolmError(f"unknown QA mode {mode!r}; choose one of {list(MODES)}")
     ids = tokenizer.encode(text)
-    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-        ids = ids[-max_prompt_tokens:]  # keep the question and the "answer:" cue
+    limit = max_prompt_tokens
+    if limit is not None and mode in RETRO_MODES:
+        limit = max(chunk_size, limit // chunk_size * chunk_size)  # room for the EOS padding
+    if limit is not None and len(ids) > limit:
+        ids = ids[-limit:]  # keep the question and the "answer:" cue
     neighbours = mask = None
     if mode in RETRO_MODES:
         ids = [tokenizer.eos_id] * (-len(ids) % chunk_size) + ids  # last token completes a chunk
