@@ -71,7 +71,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def trained(tiny_db_path, tmp_path_factory):
-    """Tiny RETRO and GPT trained ~40 steps: they write the corpus' sentence templates, so
+    """Tiny RETRO and GPT trained 60 steps: they write the corpus' sentence templates, so
     their greedy output depends on the context and drafts are sometimes accepted, sometimes
     cut short (an untrained model loops on one token whatever the cache holds)."""
     from retrolm.model.checkpoint import load_model
@@ -83,7 +83,7 @@ def trained(tiny_db_path, tmp_path_factory):
     out = {}
     for name, retro in (("retro", True), ("gpt", False)):
         final = train(tiny_db_path, cfg if retro else cfg.as_gpt(), root / name, TrainConfig(
-            tokens=64 * 8 * 40, batch_size=8, seq_len=64, lr=3e-3, retrieval=retro, progress=False,
+            tokens=64 * 8 * 60, batch_size=8, seq_len=64, lr=3e-3, retrieval=retro, progress=False,
             checkpoint_every=0))  # fmt: skip
         out[name] = load_model(final).eval()
     return out
@@ -131,3 +131,14 @@ def test_speculative_refuses_sampling(tiny_db):
     model = tiny_model(tiny_db.vocab_size, retro=False)
     with pytest.raises(RetrolmError, match="greedy"):
         generate(model, tiny_db.tokenizer, "x", speculative=True, temperature=0.7)
+
+
+def test_retrieved_continuations_are_accepted_as_drafts(tiny_db, trained):
+    """With history drafts off, tokens still come from the neighbours' continuations."""
+    model, tok = trained["retro"], tiny_db.tokenizer
+    plain = generate(model, tok, PROMPTS, db=tiny_db, max_new_tokens=40, greedy=True)
+    spec = generate(model, tok, PROMPTS, db=tiny_db, max_new_tokens=40, greedy=True, speculative=True,
+                    draft_history=False)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert all(r.stats["accepted_from"]["history"] == 0 for r in spec)
+    assert sum(r.stats["accepted_from"]["neighbours"] for r in spec) > 0
