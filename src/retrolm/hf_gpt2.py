@@ -18,7 +18,6 @@ dispatches).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -134,13 +133,6 @@ class GPT2Retro(Retro):
                 x = x + self._cca(block, x, start, context)
             x = x + block.mlp(block.norm_mlp(x))
         return self.lm_head(self.norm(x))  # (B, t, V)
-
-    def as_gpt(self) -> GPT2Retro:
-        """The same decoder weights without CCA / encoder (the source GPT-2)."""
-        gpt = GPT2Retro(self.config.as_gpt())
-        state = {k: v for k, v in self.state_dict().items() if k in gpt.state_dict()}
-        gpt.load_state_dict(state)
-        return gpt
 
 
 # -- from a Hugging Face directory --------------------------------------------------------------
@@ -280,8 +272,3 @@ def load_gpt2_retro(directory: str | os.PathLike[str], map_location: str = "cpu"
 
 def is_gpt2_retro_config(config: RetroConfig) -> bool:
     return config.extra.get("decoder") == DECODER_KIND
-
-
-def with_cca(config: RetroConfig, cca_layers: list[int]) -> RetroConfig:
-    """A copy of `config` with other CCA layers (keeps the HF extras)."""
-    return dataclasses.replace(config, cca_layers=list(cca_layers), extra=dict(config.extra))
