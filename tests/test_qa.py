@@ -218,7 +218,7 @@ def test_iter_retgen_requeries_with_the_first_answer(facts_db, items):
 
 
 def test_score_and_selection(items):
-    from retrolm.qa import score, select_items
+    from retrolm.qa import load_items, score, select_items
 
     recs = [
         {"prediction": "The Peteth", "answers": ["peteth"], "kind": "seen"},
@@ -231,6 +231,10 @@ def test_score_and_selection(items):
     ft = select_items(items, subset="finetune")
     ev = select_items(items, subset="eval")
     assert len(ft) + len(ev) == len(items) and not {i.question for i in ft} & {i.question for i in ev}
+    facts = load_items("builtin:facts")  # the shortcut: the default facts world's QA pairs
+    assert len(facts) == 3600 and {i.extra["kind"] for i in facts} == {"db_only", "seen"}
+    with pytest.raises(RetrolmError):
+        load_items("builtin:nope")
     few = select_items(items, limit=10, seed=1)
     kinds = [i.extra["kind"] for i in few]
     assert len(few) == 10 and kinds.count("seen") == kinds.count("db_only") == 5
