@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +174,9 @@ def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
     state = ckpt.read_trainer_state(first)
     assert state["step"] == 3 and state["tokens_seen"] == 3 * 4 * 32
     assert (tmp_path / "gpt" / "loss.png").stat().st_size > 0
+    # the checkpoint carries the database's tokenizer, so it can generate on its own
+    tokenizer_json = (first / "tokenizer.json").read_bytes()
+    assert tokenizer_json == (Path(tiny_db_path) / "tokenizer.json").read_bytes()
 
     # the same --out again without --resume is refused; with --resume it is already done
     with pytest.raises(RetrolmError, match="--resume"):

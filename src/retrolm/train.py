@@ -334,10 +334,13 @@ class _Run:
         if self.dist.is_main:
             state = self._state(rng)
             module = _unwrap(self.model)
-            ckpt.save_checkpoint(ckpt.step_dir(self.out_dir, self.step), module, state, self.optimizer)
+            tokenizer = self.db.path / "tokenizer.json"
+            ckpt.save_checkpoint(
+                ckpt.step_dir(self.out_dir, self.step), module, state, self.optimizer, tokenizer
+            )
             ckpt.prune(self.out_dir, self.cfg.keep_checkpoints)
             if final:
-                ckpt.save_checkpoint(self.out_dir / ckpt.FINAL, module, state)
+                ckpt.save_checkpoint(self.out_dir / ckpt.FINAL, module, state, None, tokenizer)
         distributed.barrier(self.dist)
 
     # -- the loop ---------------------------------------------------------------------------

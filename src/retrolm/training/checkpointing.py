@@ -98,12 +98,19 @@ def save_checkpoint(
     model: nn.Module,
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
+    tokenizer_file: Path | None = None,
 ) -> Path:
-    """Write model (+ optimizer) + trainer state into directory `path`, atomically."""
+    """Write model (+ optimizer) + trainer state into directory `path`, atomically.
+
+    `tokenizer_file` (the database's tokenizer.json) is copied in so that a checkpoint can
+    be used for generation and serving on its own, without the database it was trained on.
+    """
     from retrolm.model.checkpoint import save_model
 
     with atomic_dir(path) as tmp:
         save_model(model, tmp)
+        if tokenizer_file is not None:
+            shutil.copy2(tokenizer_file, tmp / "tokenizer.json")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         write_json(tmp / TRAINER_STATE, state)
