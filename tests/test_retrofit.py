@@ -157,6 +157,11 @@ def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
     again = load_checkpoint(tmp_path / "ckpt").eval()
     with torch.no_grad():
         assert torch.equal(again(b["tokens"], retrieval=False)[0], model(b["tokens"], retrieval=False)[0])
+    # the stages that read checkpoints (generate/serve, eval) rebuild the GPT-2 decoder too
+    from retrolm.generate import load_for_generation
+
+    loaded, _, _ = load_for_generation(tmp_path / "ckpt", db=twin_db.path)
+    assert isinstance(loaded, GPT2Retro)
 
 
 def test_hf_source_errors(hf_dir, twin_db, tmp_path):

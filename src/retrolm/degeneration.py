@@ -72,7 +72,7 @@ def evaluate_degeneration(
     """
     from retrolm.db.database import RetrievalDB
     from retrolm.generate import check_compatible, generate
-    from retrolm.model.checkpoint import load_model
+    from retrolm.loading import load_checkpoint
 
     if n_prompts < 1:
         raise RetrolmError(f"--prompts {n_prompts} must be >= 1")
@@ -85,7 +85,7 @@ def evaluate_degeneration(
     texts = [db.tokenizer.decode(p) for p in prompts]
     rows = []
     for ckpt in checkpoint_dirs:
-        model = load_model(ckpt).eval()
+        model = load_checkpoint(ckpt).eval()
         check_compatible(model, db.tokenizer, db)
         t0 = time.perf_counter()
         results = generate(

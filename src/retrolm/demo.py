@@ -205,7 +205,7 @@ def _greedy(model: Any, db: Any, prompt: list[int], n_new: int, k: int) -> list[
 def sample_generations(db: Any, runs: dict[str, Path], split: str, n_prompt: int, n_new: int,
                        k: int) -> dict[str, Any]:  # fmt: skip
     """One greedy continuation per model of the first held-out document's opening tokens."""
-    from retrolm.model.checkpoint import load_model
+    from retrolm.loading import load_checkpoint
 
     stream = db.streams[split]
     long_enough = [i for i, (_, n) in enumerate(stream.docs) if n > n_prompt + n_new]
@@ -215,7 +215,7 @@ def sample_generations(db: Any, runs: dict[str, Path], split: str, n_prompt: int
     out = {"split": split, "prompt": db.tokenizer.decode(prompt), "reference": db.tokenizer.decode(truth),
            "samples": {}}  # fmt: skip
     for name, run_dir in runs.items():
-        model = load_model(run_dir / "final").eval()
+        model = load_checkpoint(run_dir / "final").eval()
         try:
             from retrolm.generate import generate
 

@@ -308,7 +308,7 @@ def evaluate(
     `n_neighbors` of the RETRO checkpoints (2 without one); seq_len to the first
     checkpoint's training sequence length. Returns a JSON-able dict (see `to_markdown`).
     """
-    from retrolm.model.checkpoint import load_model
+    from retrolm.loading import load_checkpoint
 
     if not checkpoint_dirs:
         raise RetrolmError("pass at least one --checkpoint")
@@ -319,7 +319,7 @@ def evaluate(
     dirs = [resolve_checkpoint(c) for c in checkpoint_dirs]
     models = []
     for d in dirs:
-        model = load_model(d, map_location=device)
+        model = load_checkpoint(d, map_location=device)
         check_compatible(db, d, model.config)
         models.append((d, model))
     retro_ks = [int(mdl.config.n_neighbors) for _, mdl in models if mdl.config.cca_layers]

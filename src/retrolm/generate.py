@@ -367,13 +367,13 @@ def load_for_generation(
     or the database recorded in its trainer_state.json. RETRO checkpoints need `db`.
     """
     from retrolm.db.database import RetrievalDB
-    from retrolm.model.checkpoint import load_model
+    from retrolm.loading import load_checkpoint
     from retrolm.tokenizer import Tokenizer
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise RetrolmError(f"checkpoint {str(ckpt)!r} does not exist; pass a directory like <run>/final")
-    model = load_model(ckpt, map_location=device).eval()
+    model = load_checkpoint(ckpt, map_location=device).eval()
     opened = None
     if db is not None:
         opened = RetrievalDB.open(db, verify=False)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from retrolm.errors import RetrolmError
-from retrolm.model.config import RetroConfig, default_cca_layers
+from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
+from retrolm.model.config import default_cca_layers
 from retrolm.model.retro import Retro
 
 RETRIEVAL_PARTS = ("encoder.", ".cca.", ".norm_cca.")  # parameter-name markers of new parts
@@ -34,28 +35,6 @@ REPORT = "retrofit.json"
 
 
 # -- loading any retrolm checkpoint ---------------------------------------------------------------
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
-    """A model directory: `path` itself, or `path/final` for a training run directory."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    raise RetrolmError(f"{p} is not a model directory (no config.json, nor final/config.json)")
-
-
-def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> Retro:
-    """Load a retrolm model dir, including retro-fitted Hugging Face GPT-2 models."""
-    from retrolm.hf_gpt2 import is_gpt2_retro_config, load_gpt2_retro
-    from retrolm.model.checkpoint import load_model
-
-    directory = resolve_checkpoint_dir(path)
-    config = RetroConfig.load_json(directory / "config.json")
-    if is_gpt2_retro_config(config):
-        return load_gpt2_retro(directory, map_location)
-    return load_model(directory, map_location)
 
 
 def source_kind(path: str | os.PathLike[str]) -> str:

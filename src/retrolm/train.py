@@ -257,7 +257,7 @@ class _Run:
     # -- setup ------------------------------------------------------------------------------
 
     def _build_model(self, model: Any, saved: dict[str, Any] | None) -> tuple[nn.Module, Any]:
-        from retrolm.model.checkpoint import load_model
+        from retrolm.loading import load_checkpoint
         from retrolm.model.retro import Retro
 
         cfg, db = self.cfg, self.db
@@ -266,7 +266,7 @@ class _Run:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
         if saved is not None:  # resume: architecture and weights from the checkpoint
-            module = load_model(self.latest)
+            module = load_checkpoint(self.latest)
             frozen = set(saved.get("frozen_parameters", []))
             for name, param in module.named_parameters():
                 param.requires_grad_(name not in frozen)  # e.g. retro-fitting with a frozen GPT
@@ -274,7 +274,7 @@ class _Run:
             prev_schedule = LRSchedule.from_dict(prev) if prev else None
         elif cfg.init_from is not None:  # continued training from another run
             source = Path(cfg.init_from)
-            module = load_model(source)
+            module = load_checkpoint(source)
             state_file = source / ckpt.TRAINER_STATE
             if state_file.is_file():
                 prev_schedule = LRSchedule.from_dict(ckpt.read_trainer_state(source)["schedule"])
