@@ -86,3 +86,15 @@ def tiny_bm25_db(tmp_path_factory, tiny_corpus):
     path = tmp_path_factory.getbasetemp() / "tiny_bm25_db"
     return RetrievalDB.build(str(tiny_corpus), path, retriever="bm25", chunk_size=16, vocab_size=512,
                              neighbors=4, split=(80, 10, 10), seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and far faster on a shared 2-core
+    machine; modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from retrolm.degeneration import evaluate_degeneration, held_out_prompts
 from retrolm.errors import RetrolmError
@@ -12,13 +11,7 @@ from retrolm.metrics import distinct_n, has_repetition, mean_length, repetition_
 from retrolm.model.checkpoint import save_model
 from test_generate import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prompts_come_from_held_out_documents(tiny_db):

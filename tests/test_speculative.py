@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from retrolm.errors import RetrolmError
 from retrolm.generate import generate
 from retrolm.generation.speculative import DraftBudget, propose_draft
 from test_generate import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_draft_from_neighbour_continuation():
