@@ -48,21 +48,6 @@ MODES_RETRO = ("RETRO", "RETRO-off")
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory for `path`: itself, or `<path>/final` for a training run dir."""
-    p = Path(path)
-    if not p.exists():
-        raise RetrolmError(f"checkpoint {str(p)!r} does not exist; pass a run dir or its final/ dir")
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    raise RetrolmError(
-        f"{str(p)!r} is not a checkpoint (no config.json + model.safetensors, no final/); "
-        "pass the --out dir of `retrolm train` or its final/ dir"
-    )
-
-
 def check_compatible(db: Any, model_dir: Path, config: Any) -> None:
     """Refuse a checkpoint whose vocabulary, chunk size or tokenizer differ from the database's."""
     if config.chunk_size != db.chunk_size or config.vocab_size != db.vocab_size:
@@ -308,7 +293,7 @@ def evaluate(
     `n_neighbors` of the RETRO checkpoints (2 without one); seq_len to the first
     checkpoint's training sequence length. Returns a JSON-able dict (see `to_markdown`).
     """
-    from retrolm.loading import load_checkpoint
+    from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
 
     if not checkpoint_dirs:
         raise RetrolmError("pass at least one --checkpoint")
@@ -316,7 +301,7 @@ def evaluate(
         from retrolm.db.database import RetrievalDB
 
         db = RetrievalDB.open(db)
-    dirs = [resolve_checkpoint(c) for c in checkpoint_dirs]
+    dirs = [resolve_checkpoint_dir(c) for c in checkpoint_dirs]
     models = []
     for d in dirs:
         model = load_checkpoint(d, map_location=device)

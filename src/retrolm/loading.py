@@ -20,11 +20,16 @@ from retrolm.model.retro import Retro
 def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     """A model directory: `path` itself, or `path/final` for a training run directory."""
     p = Path(path)
+    if not p.exists():
+        raise RetrolmError(f"checkpoint {str(p)!r} does not exist; pass a run dir or its final/ dir")
     if (p / "config.json").is_file():
         return p
     if (p / "final" / "config.json").is_file():
         return p / "final"
-    raise RetrolmError(f"{p} is not a model directory (no config.json, nor final/config.json)")
+    raise RetrolmError(
+        f"{str(p)!r} is not a model directory (no config.json, nor final/config.json); "
+        "pass the --out dir of `retrolm train` or its final/ dir"
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> Retro:

@@ -33,7 +33,8 @@ def eval_command(
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
-    from retrolm.evaluate import evaluate, resolve_checkpoint, to_markdown
+    from retrolm.evaluate import evaluate, to_markdown
+    from retrolm.loading import resolve_checkpoint_dir
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")
@@ -47,7 +48,7 @@ def eval_command(
             raise RetrolmError(
                 f"--degeneration needs retrolm.degeneration, which this installation lacks ({err})"
             ) from None
-        dirs = [resolve_checkpoint(c) for c in checkpoint]
+        dirs = [resolve_checkpoint_dir(c) for c in checkpoint]
         result["degeneration"] = evaluate_degeneration(database, dirs, prompts, max_new_tokens=max_new_tokens,
                                                        k=result["k"])  # fmt: skip
     if as_json:
