@@ -14,7 +14,7 @@ from torch import nn
 
 from retrolm.errors import RetrolmError
 from retrolm.training import checkpointing as ckpt
-from retrolm.training.optimizer import param_groups
+from retrolm.training.optimizer import build_optimizer, param_groups, set_lr
 from retrolm.training.schedule import LRSchedule, rewarm
 
 # -- schedule ---------------------------------------------------------------------------------
@@ -87,6 +87,26 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert len(no_decay["params"]) == 4  # the tied head weight is not listed twice
     # frozen parameters are in neither group
     assert id(model.frozen.weight) not in ids(decay) | ids(no_decay)
+
+
+def test_retrieval_lr_scale_gives_encoder_and_cca_their_own_lr():
+    from retrolm.model.config import RetroConfig
+    from retrolm.model.retro import Retro
+
+    model = Retro(RetroConfig.from_name("tiny"))
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), retrieval_lr_scale=4.0)
+    set_lr(optimizer, 2e-3)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)  # every parameter once (the tied head counted once)
+    for name, p in named.items():
+        retrieval = name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
+        assert lr_of[id(p)] == pytest.approx(8e-3 if retrieval else 2e-3), name
+    assert wd_of[id(named["blocks.1.cca.q.weight"])] == 0.1
+    assert wd_of[id(named["blocks.1.norm_cca.weight"])] == 0.0
+    # without a scale: the two usual groups
+    assert len(param_groups(model, 0.1)) == 2
 
 
 # -- RNG state --------------------------------------------------------------------------------

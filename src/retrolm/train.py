@@ -34,7 +34,7 @@ from retrolm.training import checkpointing as ckpt
 from retrolm.training import distributed
 from retrolm.training.budget import TimeBudget
 from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
-from retrolm.training.optimizer import build_optimizer
+from retrolm.training.optimizer import build_optimizer, set_lr
 from retrolm.training.schedule import LRSchedule, rewarm
 
 # Stand-in schedule length while a --minutes run is still measuring its speed.
@@ -43,7 +43,7 @@ _UNKNOWN_TOTAL = 10**9
 _TRAJECTORY_FIELDS = (
     "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "beta1", "beta2", "grad_clip", "k", "retrieval", "exclude_sample_docs",
-    "tokens", "minutes", "bf16", "seed", "replay_share", "replay_db",
+    "tokens", "minutes", "bf16", "seed", "replay_share", "replay_db", "retrieval_lr_scale",
 )  # fmt: skip
 
 
@@ -56,6 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
+    retrieval_lr_scale: float = 1.0  # LR multiplier for the encoder and CCA parameters
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # None: 5% of the steps, at most 200
     weight_decay: float = 0.1
@@ -138,10 +139,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    defaults = TrainConfig()  # a field added after the checkpoint was written had its default
     diffs = [
-        f"{name}={saved.get(name)!r} (now {getattr(cfg, name)!r})"
+        f"{name}={saved.get(name, getattr(defaults, name))!r} (now {getattr(cfg, name)!r})"
         for name in _TRAJECTORY_FIELDS
-        if saved.get(name) != getattr(cfg, name)
+        if saved.get(name, getattr(defaults, name)) != getattr(cfg, name)
     ]
     if diffs:
         raise RetrolmError(
@@ -151,6 +153,8 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Pat
 
 
 def _budget_steps(cfg: TrainConfig, tokens_per_step: int, epoch_sequences: int) -> int:
+    if not cfg.retrieval_lr_scale > 0:
+        raise RetrolmError(f"--retrieval-lr-scale must be > 0, got {cfg.retrieval_lr_scale}")
     if cfg.tokens is not None:
         if cfg.tokens <= 0:
             raise RetrolmError(f"--tokens must be > 0, got {cfg.tokens}")
@@ -232,7 +236,7 @@ class _Run:
         self.tokens_per_step = cfg.batch_size * seq_len
 
         self.optimizer = build_optimizer(
-            self.module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+            self.module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.retrieval_lr_scale
         )
         total = _budget_steps(cfg, self.tokens_per_step, len(self.dataset))
         # A --minutes run warms up at the slowest default rate until its length is known.
@@ -422,8 +426,7 @@ class _Run:
             while self.step < self.schedule.total_steps:
                 t0 = time.perf_counter()
                 lr = self.schedule.lr(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(self.optimizer, lr)
                 loss_sum = torch.zeros((), device=dist.device)
                 for j in range(cfg.grad_accum):
                     loss_sum += self._forward_backward(next(loader), sync=j == cfg.grad_accum - 1)

@@ -33,6 +33,9 @@ def train_command(
     ),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Cosine floor / peak LR."),
+    retrieval_lr_scale: float = typer.Option(
+        1.0, "--retrieval-lr-scale", help="LR multiplier for the encoder and CCA parameters."
+    ),
     warmup_steps: int | None = typer.Option(
         None, "--warmup-steps", help="Linear warm-up steps (default: 5% of steps, <= 200)."
     ),
@@ -62,6 +65,7 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,
+        retrieval_lr_scale=retrieval_lr_scale,
         min_lr_ratio=min_lr_ratio,
         warmup_steps=warmup_steps,
         k=k,
