@@ -46,3 +46,17 @@ def test_info_and_search(tiny_db_path, capsys):
     assert "score" in capsys.readouterr().out
     code, _, err = _run(["db", "info", str(tiny_db_path.parent / "nope")], capsys)
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["db", "build", "builtin:pydocs", "/tmp/x"], "Missing option '--corpus'"),
+        (["train", "--db", "x"], "Missing option '--model'"),
+        (["db", "build", "--corpus", "c", "--out", "o", "--no-such-flag"], "No such option"),
+    ],
+)
+def test_usage_errors_are_messages_not_tracebacks(argv, expected, capsys):
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert expected in err and "Traceback" not in err

@@ -58,11 +58,21 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
+        if _is_click(err, "ClickException"):
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(err.exit_code)  # type: ignore[attr-defined]
+        if _is_click(err, "Exit"):
+            sys.exit(err.exit_code)  # type: ignore[attr-defined]
         raise
+
+
+def _is_click(err: BaseException, name: str) -> bool:
+    """Is `err` a click `name` exception, from click itself or the copy newer Typer vendors?"""
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(err, cls):
+            return True
+    return False
