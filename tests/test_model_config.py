@@ -99,3 +99,24 @@ def test_flops_formula_matches_counted_matmuls(overrides: dict) -> None:
     )
     assert model.flops_per_token(T) == f["train"]
     assert mfu(1e6, 100.0, 1e9) == pytest.approx(0.1)
+
+
+def test_gpt_and_retro_from_the_same_seed_share_the_decoder_start():
+    """Paired comparisons: adding CCA layers must not change the decoder's initial weights."""
+
+
+    config = RetroConfig.from_name("tiny")
+    torch.manual_seed(7)
+    retro = dict(Retro(config).named_parameters())
+    torch.manual_seed(7)
+    gpt = dict(Retro(config.as_gpt()).named_parameters())
+    assert set(gpt) < set(retro)
+    for name, param in gpt.items():
+        assert torch.equal(param, retro[name]), name
+    torch.manual_seed(8)
+    other = dict(Retro(config.as_gpt()).named_parameters())
+    assert not torch.equal(other["blocks.0.attn.qkv.weight"], gpt["blocks.0.attn.qkv.weight"])
+    # the GPT-2 scales survive the split into two generators
+    assert abs(gpt["blocks.0.mlp.up.weight"].std().item() - 0.02) < 0.002
+    assert gpt["blocks.0.attn.out.weight"].std().item() < 0.01
+    assert float(retro["encoder.blocks.0.cross.q.weight"].std()) > 0.015

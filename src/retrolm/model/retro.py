@@ -150,6 +150,9 @@ class Retro(nn.Module):
     def __init__(self, config: RetroConfig):
         super().__init__()
         config.validate()
+        # One draw before any module exists: a GPT and a RETRO built after the same seed get
+        # bit-identical decoder weights (see _init_weights), so comparisons are paired.
+        init_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         self.config = c = config
         cca = {i - 1 for i in c.cca_layers}  # 0-based
         self.first_cca = min(cca) if cca else -1
@@ -162,17 +165,32 @@ class Retro(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rotary = Rotary(c.d_model // c.n_heads, c.rope_base)
-        self._init_weights()
+        self._init_weights(init_seed)
 
-    def _init_weights(self) -> None:
-        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def _init_weights(self, seed: int) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers).
+
+        The decoder's weights come from one generator and the retrieval parts (encoder,
+        CCA) from another, so adding CCA layers does not change the decoder's start.
+        """
+        decoder = torch.Generator().manual_seed(seed)
+        retrieval = torch.Generator().manual_seed(seed + 1)
         scaled = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith(("out.weight", "down.weight")):
-                nn.init.normal_(param, mean=0.0, std=scaled)
+        matrices = {
+            id(module.weight)
+            for module in self.modules()
+            if isinstance(module, (nn.Linear, nn.Embedding))
+        }
+        for name, param in self.named_parameters():  # a tied weight appears once
+            if id(param) not in matrices or param.is_meta:
+                continue  # norm gains keep their ones; meta tensors (size counting) hold no data
+            std = scaled if name.endswith(("out.weight", "down.weight")) else 0.02
+            is_retrieval = name.startswith("encoder.") or ".cca." in name
+            noise = torch.randn(
+                param.shape, generator=retrieval if is_retrieval else decoder, dtype=torch.float32
+            )
+            with torch.no_grad():
+                param.copy_(noise.to(param.device, param.dtype) * std)
 
     # -- public API ---------------------------------------------------------------------
 
