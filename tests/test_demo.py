@@ -30,6 +30,9 @@ def test_demo_tiny_end_to_end_and_rerun_reuses(tiny_corpus, tmp_path, capsys):
     assert cmp["ratio"] == cmp["RETRO"] / cmp["GPT"] and all(v > 1 for k, v in cmp.items() if k != "ratio")
     assert results["runs"]["GPT"]["tokens"] == results["runs"]["RETRO"]["tokens"] > 0  # same tokens
     assert not results["db_reused"]
+    signal = results["training_signal"]  # how often training could reward reading neighbours
+    assert signal["chunks"] > 0 and 0 <= signal["share_over_half"] <= 1 - signal["share_at_most_eighth"]
+    assert "In training, " in report and "of train chunks share more than half a chunk" in report
 
     watched = [out / "db" / "manifest.json", out / "db" / "embeddings.f16", out / "gpt" / "final" / "model.safetensors",
                out / "retro" / "final" / "model.safetensors", out / "plan.json"]  # fmt: skip

@@ -26,20 +26,22 @@ import numpy as np
 from retrolm.atomic import atomic_path, sha256_file, write_json
 from retrolm.errors import RetrolmError
 
-# RETRO step time / GPT step time for cpu-small under bf16 autocast (docs/model.md: 1.69-1.72).
-RETRO_TIME_RATIO = 1.7
+# RETRO / GPT training time for the demo's settings (cpu-small, one encoder layer, k = 1,
+# bf16), measured on an idle 2-core machine: 266.8 s / 252.6 s = 1.06 (504 steps) and
+# 413.9 s / 333.7 s = 1.24 (735 steps); the larger one keeps the demo near its budget.
+RETRO_TIME_RATIO = 1.25
 TINY_DOCS = 80  # documents in the --tiny corpus slice
 HEADLINE_SPLIT = "test"  # the number quoted; "valid" is reported too (and was used for tuning)
 
 # The full demo: cpu-small decoder on builtin:pydocs. Chosen on the valid split (docs/results.md).
 FULL = {
-    "db": {"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": [98, 1, 1], "seed": 0,
+    "db": {"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": [96, 2, 2], "seed": 0,
            "embed_dtype": "bf16"},
     "model": "cpu-small",
     "overrides": {"enc_layers": 1},
-    "train": {"seq_len": 256, "batch_size": 4, "lr": 3e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
+    "train": {"seq_len": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
               "bf16": True, "k": 1, "checkpoint_every": 50, "seed": 0},
-    "eval_reserve_minutes": 1.5,
+    "eval_reserve_minutes": 1.0,
 }  # fmt: skip
 # --tiny: a test-sized run (well under a minute): tiny model, 80-document corpus slice.
 TINY = {
@@ -367,6 +369,7 @@ def run_demo(
         "eval": results,
         "headline_split": HEADLINE_SPLIT,
         "leakage": leakage_controls(db),
+        "training_signal": training_signal(db, settings["seq_len"], settings["k"]),
         "samples": samples,
         "loss_curves": curves.name if curves else None,
         "timings": timings,
@@ -407,6 +410,33 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
 
 
 # -- the report ---------------------------------------------------------------------------------
+
+
+def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> dict[str, Any]:
+    """How often training rewards reading the neighbours: overlap of train chunks with theirs.
+
+    The same measure as the held-out overlap buckets (longest common token run with the
+    neighbours of the previous chunk, over m), on the first `max_sequences` training
+    sequences. RETRO learns to copy only if enough training chunks can be copied.
+    """
+    from retrolm.evaluate import prepare
+
+    data = prepare(db, "train", seq_len, k, max_sequences)
+    overlap = data.overlap[data.chunk_tokens > 0]
+    return {
+        "chunks": int(overlap.size),
+        "share_over_half": round(float((overlap > 0.5).mean()), 4) if overlap.size else 0.0,
+        "share_at_most_eighth": round(float((overlap <= 0.125).mean()), 4) if overlap.size else 0.0,
+    }
+
+
+def training_signal_sentence(signal: dict[str, Any]) -> str:
+    return (
+        f"In training, {100 * signal['share_over_half']:.1f}% of train chunks share more than half a "
+        f"chunk verbatim with their neighbours and {100 * signal['share_at_most_eighth']:.0f}% share at "
+        f"most 1/8 (first {signal['chunks']} train chunks): that is how often RETRO was rewarded "
+        "for reading its neighbours (docs/results.md)."
+    )
 
 
 def related_text_sentence(result: dict[str, Any]) -> str:
@@ -463,6 +493,7 @@ def render_report(s: dict[str, Any]) -> str:
         "",
         related_text_sentence(s["eval"][s["headline_split"]]),
         "",
+        *([training_signal_sentence(s["training_signal"]), ""] if s.get("training_signal") else []),
         "## Overlap buckets and per-split details",
         "",
     ]
