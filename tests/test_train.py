@@ -101,8 +101,9 @@ def test_retrieval_lr_scale_gives_encoder_and_cca_their_own_lr():
     named = dict(model.named_parameters())
     assert len(lr_of) == len(named)  # every parameter once (the tied head counted once)
     for name, p in named.items():
-        retrieval = name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
+        retrieval = name.startswith("encoder.") or "cca." in name  # encoder, CCA and its norm
         assert lr_of[id(p)] == pytest.approx(8e-3 if retrieval else 2e-3), name
+    assert sum(g["lr_scale"] == 4.0 for g in optimizer.param_groups) == 2
     assert wd_of[id(named["blocks.1.cca.q.weight"])] == 0.1
     assert wd_of[id(named["blocks.1.norm_cca.weight"])] == 0.0
     # without a scale: the two usual groups

@@ -28,9 +28,8 @@ from torch import nn
 from retrolm.errors import RetrolmError
 from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
 from retrolm.model.config import default_cca_layers
-from retrolm.model.retro import Retro
+from retrolm.model.retro import Retro, is_retrieval_parameter
 
-RETRIEVAL_PARTS = ("encoder.", ".cca.", ".norm_cca.")  # parameter-name markers of new parts
 REPORT = "retrofit.json"
 
 
@@ -51,11 +50,6 @@ def source_kind(path: str | os.PathLike[str]) -> str:
 
 
 # -- building the retro-fitted model ---------------------------------------------------------------
-
-
-def is_retrieval_parameter(name: str) -> bool:
-    """True for parameters of the neighbour encoder and the CCA layers (the new parts)."""
-    return name.startswith("encoder.") or any(part in name for part in RETRIEVAL_PARTS[1:])
 
 
 def build_retrofit(

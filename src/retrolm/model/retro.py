@@ -27,6 +27,14 @@ from retrolm.errors import RetrolmError
 from retrolm.model.config import RetroConfig
 from retrolm.model.layers import MLP, CrossAttention, LayerKV, Rotary, SelfAttention
 
+RETRIEVAL_PARTS = ("encoder.", ".cca.", ".norm_cca.")  # parameter-name markers of the retrieval parts
+
+
+def is_retrieval_parameter(name: str) -> bool:
+    """True for parameters of the neighbour encoder and the CCA layers (what RETRO adds to a GPT)."""
+    return name.startswith(RETRIEVAL_PARTS[0]) or any(part in name for part in RETRIEVAL_PARTS[1:])
+
+
 # retrieve(chunk_index, chunk_tokens (B, m)) -> (neighbours (B, k, r), mask (B, k, r) | None) | None
 Retriever = Callable[[int, Tensor], "tuple[Tensor, Tensor | None] | None"]
 
@@ -185,10 +193,8 @@ class Retro(nn.Module):
             if id(param) not in matrices or param.is_meta:
                 continue  # norm gains keep their ones; meta tensors (size counting) hold no data
             std = scaled if name.endswith(("out.weight", "down.weight")) else 0.02
-            is_retrieval = name.startswith("encoder.") or ".cca." in name
-            noise = torch.randn(
-                param.shape, generator=retrieval if is_retrieval else decoder, dtype=torch.float32
-            )
+            generator = retrieval if is_retrieval_parameter(name) else decoder
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             with torch.no_grad():
                 param.copy_(noise.to(param.device, param.dtype) * std)
 

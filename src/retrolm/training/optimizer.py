@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def is_retrieval_param(name: str) -> bool:
-    """True for the neighbour encoder and the CCA layers (what RETRO adds to a GPT)."""
-    return name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
+from retrolm.model.retro import is_retrieval_parameter
 
 
 def param_groups(
@@ -44,7 +41,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         decayed = not (param.ndim < 2 or id(param) in embedding_ids)
-        groups[(decayed, split and is_retrieval_param(name))].append(param)
+        groups[(decayed, split and is_retrieval_parameter(name))].append(param)
     return [
         {
             "params": params,
