@@ -224,8 +224,11 @@ def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twi
 def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db, tmp_path):
     from retrolm.retrofit import load_checkpoint, retrofit
 
-    report = retrofit(gpt_dir, twin_db.path, tmp_path / "rf", _train_cfg(tokens=64 * 8 * 60),
-                      freeze=False, eval_sequences=16)  # fmt: skip
+    # Full training moves the pretrained decoder too, so the new parts get 3x its LR (the
+    # usual recipe for freshly initialised parts). The margin is small (~0.1% perplexity):
+    # on twin documents the decoder itself learns each document's 3 words from context.
+    cfg = _train_cfg(tokens=64 * 8 * 120, lr=1e-3, retrieval_lr_scale=3.0)
+    report = retrofit(gpt_dir, twin_db.path, tmp_path / "rf", cfg, freeze=False, eval_sequences=16)
     ppl = report["valid_perplexity"]["after"]
     assert ppl["retrieval_on"] < ppl["retrieval_off"]
     assert report["parameters"]["trainable"] == report["parameters"]["total"]
