@@ -480,7 +480,7 @@ def finetune(
     """
     from tqdm import tqdm
 
-    from retrolm.training.optimizer import build_optimizer
+    from retrolm.training.optimizer import build_optimizer, set_lr
     from retrolm.training.schedule import LRSchedule
 
     if mode == "iter-retgen":
@@ -509,8 +509,7 @@ def finetune(
             [examples[i] for i in pick], [items[i].answers[0] for i in pick], tokenizer, m, r, with_nb
         )
         batch = {k: v.to(device) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr(step)
+        set_lr(optimizer, schedule.lr(step))
         _, loss = model(batch["tokens"], batch.get("neighbours"), batch.get("neighbour_mask"),
                         batch["targets"])  # fmt: skip
         loss.backward()

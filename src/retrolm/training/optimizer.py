@@ -23,9 +23,9 @@ def param_groups(
     embedding and a linear layer (tied LM head) counts as an embedding.
 
     With `retrieval_lr_scale != 1` the encoder and CCA parameters get their own two
-    groups whose `lr_scale` multiplies the scheduled LR: a RETRO trained from scratch has
-    to learn to read its neighbours while the decoder is still learning word statistics,
-    and a larger step for the retrieval path lets it start sooner.
+    groups whose `lr_scale` multiplies the scheduled LR: freshly initialised retrieval
+    parts next to a trained decoder (full-training retro-fit) usually want a larger step
+    than the decoder. (In from-scratch demo runs it did not help; docs/results.md.)
     """
     embedding_ids = {
         id(p)
