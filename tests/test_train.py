@@ -177,7 +177,11 @@ def test_cli_refuses_bad_input_with_one_line(tiny_db_path, tmp_path, capsys):
         capsys,
     )
     assert "--tokens or --minutes" in err
-    for out in ("o1", "o2", "o3", "o4"):  # nothing that looks like a run was left behind
+    err = _cli_error(
+        _train_args(tiny_db_path, tmp_path / "o5", "--model", "tiny", "--retrieval-lr-scale", "0"), capsys
+    )
+    assert "--retrieval-lr-scale must be > 0" in err
+    for out in ("o1", "o2", "o3", "o4", "o5"):  # nothing that looks like a run was left behind
         assert not (tmp_path / out / "final").exists()
 
 
