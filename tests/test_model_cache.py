@@ -18,7 +18,12 @@ ATOL = 1e-10
 
 def make_model(**overrides) -> Retro:
     torch.manual_seed(0)
-    return Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
+    model = Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
+    if model.copy_head is not None:  # make copying matter: exact matches and a weak sentinel
+        with torch.no_grad():
+            model.copy_head.match_weight.copy_(torch.tensor([2.0, 3.0]))
+            model.copy_head.sentinel_bias.fill_(0.0)
+    return model
 
 
 def make_inputs(B: int = 2, length: int = T, seed: int = 3):
@@ -54,11 +59,12 @@ def decode(model: Retro, tokens: torch.Tensor, sizes: list[int], retrieve) -> to
     return torch.cat(outs, 1)
 
 
+@pytest.mark.parametrize("copy_head", [False, True])
 @pytest.mark.parametrize(
     "sizes", [[1] * T, [5, 11, 1, 20, 17, 3, 14], [T], [M - 1, 1, M, 2 * M + 7]]
 )
-def test_step_equals_forward_with_neighbours(sizes: list[int]) -> None:
-    model = make_model()
+def test_step_equals_forward_with_neighbours(sizes: list[int], copy_head: bool) -> None:
+    model = make_model(copy_head=copy_head)
     tokens, neighbours, mask = make_inputs()
     full, _ = model(tokens, neighbours, mask)
     lookup = Lookup(tokens, neighbours, mask)

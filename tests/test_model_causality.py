@@ -16,7 +16,12 @@ M, R, V = 16, 32, 512
 
 def make_model(**overrides) -> Retro:
     torch.manual_seed(0)
-    return Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
+    model = Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
+    if model.copy_head is not None:  # make copying matter: exact matches and a weak sentinel
+        with torch.no_grad():
+            model.copy_head.match_weight.copy_(torch.tensor([2.0, 3.0]))
+            model.copy_head.sentinel_bias.fill_(0.0)
+    return model
 
 
 def make_inputs(B: int, T: int, k: int = 2, seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -48,8 +53,9 @@ def embedding_grads(model: Retro, tokens, neighbours, mask, t: int):
     return token_emb.grad[0].abs().sum(-1), nb_emb.grad  # (T,), (B, chunks, k, r, C)
 
 
-def test_causality_by_gradients() -> None:
-    model = make_model()
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_causality_by_gradients(copy_head: bool) -> None:
+    model = make_model(copy_head=copy_head)
     T = 4 * M  # four full chunks: the last token sees chunk 3's neighbours
     tokens, neighbours, mask = make_inputs(2, T)
     seen_nonzero = set()

@@ -132,7 +132,7 @@ class GPT2Retro(Retro):
             if block.cca is not None and context is not None:
                 x = x + self._cca(block, x, start, context)
             x = x + block.mlp(block.norm_mlp(x))
-        return self.lm_head(self.norm(x))  # (B, t, V)
+        return self._head(x, tokens, start, cache, source is not None, context)
 
 
 # -- from a Hugging Face directory --------------------------------------------------------------

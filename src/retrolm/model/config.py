@@ -53,6 +53,11 @@ class RetroConfig:
     enc_layers: int = 2
     enc_d_model: int | None = None  # None -> d_model
     enc_heads: int | None = None  # None -> n_heads
+    # Neighbour copy head (beyond the paper; docs/model.md): a pointer-sentinel mixture that
+    # moves probability onto the successor tokens of matched neighbour positions.
+    copy_head: bool = False
+    copy_dim: int = 64  # width of the copy head's query/key space
+    copy_match: int = 2  # exact-match features: suffixes of length 1..copy_match (0: none)
     dropout: float = 0.0
     tie_embeddings: bool = True
     max_seq_len: int = 256
@@ -87,7 +92,8 @@ class RetroConfig:
             raise RetrolmError(f"invalid model config: {msg}")
 
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "chunk_size", "n_neighbors",
-                     "enc_layers", "enc_d_model", "enc_heads", "max_seq_len", "d_ff"):  # fmt: skip
+                     "enc_layers", "enc_d_model", "enc_heads", "max_seq_len", "d_ff",
+                     "copy_dim"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"{name} must be a positive integer, got {value!r}")
@@ -113,6 +119,10 @@ class RetroConfig:
                 bad(f"CCA layer {i} is out of range 1..{self.n_layers} (indices are 1-based)")
         if len(set(self.cca_layers)) != len(self.cca_layers):
             bad(f"duplicate CCA layers {self.cca_layers}")
+        if not isinstance(self.copy_match, int) or not 0 <= self.copy_match <= 8:
+            bad(f"copy_match must be an integer in 0..8, got {self.copy_match!r}")
+        if self.copy_head and not self.cca_layers:
+            bad("copy_head needs at least one CCA layer (its keys come from the neighbour encoder)")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.pad_id < self.vocab_size:
@@ -134,7 +144,7 @@ class RetroConfig:
 
     def as_gpt(self) -> RetroConfig:
         """The same decoder without CCA (and so without an encoder): the GPT baseline."""
-        return dataclasses.replace(self, cca_layers=[], extra=dict(self.extra))
+        return dataclasses.replace(self, cca_layers=[], copy_head=False, extra=dict(self.extra))
 
     # -- (de)serialisation ----------------------------------------------------------------
 

@@ -25,14 +25,29 @@ from torch import Tensor, nn
 
 from retrolm.errors import RetrolmError
 from retrolm.model.config import RetroConfig
+from retrolm.model.copy_head import (
+    NO_TOKEN,
+    NeighbourCopyHead,
+    mix,
+    neighbour_features,
+    query_features,
+)
 from retrolm.model.layers import MLP, CrossAttention, LayerKV, Rotary, SelfAttention
 
-RETRIEVAL_PARTS = ("encoder.", ".cca.", ".norm_cca.")  # parameter-name markers of the retrieval parts
+RETRIEVAL_MODULES = ("encoder.", "copy_head.")  # top-level retrieval modules
+RETRIEVAL_PARTS = (".cca.", ".norm_cca.")  # retrieval sublayers inside decoder blocks
 
 
 def is_retrieval_parameter(name: str) -> bool:
-    """True for parameters of the neighbour encoder and the CCA layers (what RETRO adds to a GPT)."""
-    return name.startswith(RETRIEVAL_PARTS[0]) or any(part in name for part in RETRIEVAL_PARTS[1:])
+    """True for parameters of the encoder, the CCA layers and the copy head (what RETRO adds)."""
+    return name.startswith(RETRIEVAL_MODULES) or any(part in name for part in RETRIEVAL_PARTS)
+
+
+# CCA context for the query groups of a step: encoded neighbours (B, G, S, E), their mask
+# (B, G, S), their tokens (B, G, S) with NO_TOKEN padding, and the first group's chunk index.
+Context = tuple[Tensor, Tensor, Tensor, int]
+# Per-chunk encoding: (states (B, S, E), mask (B, S), tokens (B, S)).
+Encoded = tuple[Tensor, Tensor, Tensor]
 
 
 # retrieve(chunk_index, chunk_tokens (B, m)) -> (neighbours (B, k, r), mask (B, k, r) | None) | None
@@ -52,7 +67,7 @@ class RetroCache:
     tokens: Tensor | None = None  # (B, capacity) int64
     kv: list[LayerKV] = field(default_factory=list)
     hidden: Tensor | None = None  # (B, capacity, C): decoder states at the first CCA input
-    encoded: dict[int, tuple[Tensor, Tensor] | None] = field(default_factory=dict)
+    encoded: dict[int, Encoded | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.length
@@ -168,6 +183,7 @@ class Retro(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(c, i in cca) for i in range(c.n_layers))
         self.encoder = NeighbourEncoder(c) if cca else None
+        self.copy_head = NeighbourCopyHead(c) if cca and c.copy_head else None
         self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -257,7 +273,11 @@ class Retro(nn.Module):
             )
         start = cache.length
         cache._write("tokens", start, tokens)
-        source = self._callback_source(retrieve, cache) if self.encoder is not None else None
+        source = (
+            self._callback_source(retrieve, cache)
+            if self.encoder is not None and retrieve is not None
+            else None
+        )
         try:
             logits = self._run(tokens, start, cache, source)
         except BaseException:
@@ -296,7 +316,7 @@ class Retro(nn.Module):
 
     def _tensor_source(
         self, neighbours: Tensor, mask: Tensor | None, B: int, T: int
-    ) -> Callable[[int, int, Tensor], tuple[Tensor, Tensor]]:
+    ) -> Callable[[int, int, Tensor], Encoded]:
         """Neighbours given for all chunks up front (training / evaluation)."""
         m, r = self.config.chunk_size, self.config.neighbor_len
         if neighbours.dim() != 4 or neighbours.shape[0] != B or neighbours.shape[3] != r:
@@ -314,7 +334,7 @@ class Retro(nn.Module):
         if mask is None:
             mask = torch.ones_like(neighbours, dtype=torch.bool)
 
-        def source(first: int, last: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        def source(first: int, last: int, hidden: Tensor) -> Encoded:
             return self._encode(
                 neighbours[:, first : last + 1], mask[:, first : last + 1].bool(), hidden
             )
@@ -323,20 +343,19 @@ class Retro(nn.Module):
 
     def _callback_source(
         self, retrieve: Retriever | None, cache: RetroCache
-    ) -> Callable[[int, int, Tensor], tuple[Tensor, Tensor]]:
+    ) -> Callable[[int, int, Tensor], Encoded]:
         """Neighbours fetched per completed chunk through the caller's `retrieve` (decoding)."""
         m, r = self.config.chunk_size, self.config.neighbor_len
 
-        def source(first: int, last: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        def source(first: int, last: int, hidden: Tensor) -> Encoded:
             history = cache.tokens
             assert history is not None
-            states, masks = [], []
+            entries: list[Encoded | None] = []
             for u in range(first, last + 1):
                 got = retrieve(u, history[:, u * m : (u + 1) * m]) if retrieve is not None else None
                 if got is None:
                     cache.encoded[u] = None
-                    states.append(None)
-                    masks.append(None)
+                    entries.append(None)
                     continue
                 nb, nb_mask = got
                 if nb.dim() != 3 or nb.shape[0] != cache.batch_size or nb.shape[2] != r:
@@ -346,18 +365,18 @@ class Retro(nn.Module):
                 nb_mask = (
                     torch.ones_like(nb, dtype=torch.bool) if nb_mask is None else nb_mask.bool()
                 )
-                enc, enc_mask = self._encode(
+                enc, enc_mask, enc_tokens = self._encode(
                     nb[:, None], nb_mask[:, None], hidden[:, u - first, None]
                 )
-                cache.encoded[u] = (enc[:, 0], enc_mask[:, 0])
-                states.append(enc[:, 0])
-                masks.append(enc_mask[:, 0])
-            return _stack_encoded(states, masks, hidden, self.config.enc_d_model)
+                cache.encoded[u] = (enc[:, 0], enc_mask[:, 0], enc_tokens[:, 0])
+                entries.append(cache.encoded[u])
+            return _stack_encoded(entries, hidden, self.config.enc_d_model)
 
         return source
 
-    def _encode(self, nb: Tensor, mask: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """nb (B, n, k, r) tokens, mask (B, n, k, r), hidden (B, n, m, C) -> (B, n, k*r, E), (B, n, k*r)."""
+    def _encode(self, nb: Tensor, mask: Tensor, hidden: Tensor) -> Encoded:
+        """nb (B, n, k, r), mask (B, n, k, r), hidden (B, n, m, C) -> states (B, n, k*r, E),
+        mask (B, n, k*r), tokens (B, n, k*r) with NO_TOKEN where the mask is False."""
         assert self.encoder is not None
         B, n, k, r = nb.shape
         emb = self.tok_emb(nb.long())  # (B, n, k, r, C): the decoder's embedding, shared
@@ -366,7 +385,8 @@ class Retro(nn.Module):
             mask.reshape(B * n, k, r),
             hidden.reshape(B * n, *hidden.shape[2:]),
         )
-        return out.reshape(B, n, k * r, -1), mask.reshape(B, n, k * r)
+        tokens = nb.long().masked_fill(~mask, NO_TOKEN).reshape(B, n, k * r)
+        return out.reshape(B, n, k * r, -1), mask.reshape(B, n, k * r), tokens
 
     # -- the one forward path ---------------------------------------------------------------
 
@@ -375,7 +395,7 @@ class Retro(nn.Module):
         tokens: Tensor,  # (B, t) new tokens at positions [start, start + t)
         start: int,
         cache: RetroCache | None,
-        source: Callable[[int, int, Tensor], tuple[Tensor, Tensor]] | None,
+        source: Callable[[int, int, Tensor], Encoded] | None,
     ) -> Tensor:
         B, t = tokens.shape
         x = self.drop(self.tok_emb(tokens))  # (B, t, C)
@@ -389,25 +409,72 @@ class Retro(nn.Module):
             if block.cca is not None and context is not None:
                 x = x + block.drop(self._cca(block, x, start, context))
             x = x + block.drop(block.mlp(block.norm_mlp(x)))
-        return self.lm_head(self.norm(x))  # (B, t, V)
+        return self._head(x, tokens, start, cache, source is not None, context)
+
+    def _head(
+        self,
+        x: Tensor,  # (B, t, C) last hidden states of positions [start, start+t)
+        tokens: Tensor,  # (B, t) the new tokens
+        start: int,
+        cache: RetroCache | None,
+        retrieval: bool,
+        context: Context | None,
+    ) -> Tensor:
+        """Logits (B, t, V). With a copy head and retrieval on: log-probabilities of the
+        mixture (log-softmax of the logits where no neighbour is readable), so that the
+        values do not depend on where a chunk boundary or a missing neighbour falls."""
+        logits = self.lm_head(self.norm(x))  # (B, t, V)
+        if self.copy_head is None or not retrieval:
+            return logits
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        if context is None:
+            return torch.log_softmax(logits.to(dtype), dim=-1)
+        m, r, L = self.config.chunk_size, self.config.neighbor_len, max(self.config.copy_match, 1)
+        states, mask, nb_tokens, group_lo = context  # (B, G, S, E), (B, G, S), (B, G, S)
+        B, G, S = mask.shape
+        first_pos = max(start, m - 1)
+        n_new = start + x.shape[1] - first_pos  # positions that read neighbours
+        if n_new <= 0:
+            return torch.log_softmax(logits.to(dtype), dim=-1)
+        history = tokens if cache is None else cache.tokens[:, : start + x.shape[1]]  # (B, start+t)
+        offset, grouped = self._group(x[:, first_pos - start :], start, group_lo, G)
+        positions = torch.arange(G * m, device=x.device) + group_lo * m + m - 1  # (G*m,)
+        q_tokens = query_features(history, positions.reshape(G, m), L)  # (B, G, m, L)
+        key_tokens, successors, has_succ = neighbour_features(nb_tokens, r, L)  # (B, G, S, ...)
+        log_copy, log_sentinel = self.copy_head(
+            grouped,
+            q_tokens.reshape(B * G, m, L),
+            states.reshape(B * G, S, -1),
+            key_tokens.reshape(B * G, S, L),
+            (has_succ & mask).reshape(B * G, S),
+        )  # (B*G, m, S), (B*G, m)
+        keep = slice(offset, offset + n_new)
+        log_copy = log_copy.reshape(B, G * m, S)[:, keep]
+        log_sentinel = log_sentinel.reshape(B, G * m)[:, keep]
+        succ = successors[:, :, None, :].expand(B, G, m, S).reshape(B, G * m, S)[:, keep]
+        mixed = mix(logits[:, first_pos - start :], log_copy, log_sentinel, succ)  # (B, n_new, V)
+        if first_pos == start:
+            return mixed
+        head = torch.log_softmax(logits[:, : first_pos - start].to(dtype), dim=-1)
+        return torch.cat([head, mixed], dim=1)
 
     def _context(
         self,
         x: Tensor,  # (B, t, C) decoder states at the first CCA input, positions [start, start+t)
         start: int,
         cache: RetroCache | None,
-        source: Callable[[int, int, Tensor], tuple[Tensor, Tensor]] | None,
-    ) -> tuple[Tensor, Tensor, int] | None:
+        source: Callable[[int, int, Tensor], Encoded] | None,
+    ) -> Context | None:
         """Encode chunks completed by these tokens; return CCA context for the groups they query.
 
-        Returns (states (B, G, S, E), mask (B, G, S), first group) or None when no new
+        Returns (states (B, G, S, E), mask (B, G, S), tokens (B, G, S), first group) or None when no new
         position reaches a neighbour (all positions < m-1, or no neighbours anywhere).
         """
         m, t = self.config.chunk_size, x.shape[1]
         end = start + t
         hidden = cache._write("hidden", start, x) if cache is not None else x  # (B, end, C)
         first, last = start // m, end // m - 1  # chunks completed at positions in [start, end)
-        fresh: dict[int, tuple[Tensor, Tensor] | None] = {}
+        fresh: dict[int, Encoded | None] = {}
         if last < first or source is None:
             if cache is None or end < m:  # training: no complete chunk, nothing to attend
                 return None
@@ -415,11 +482,11 @@ class Retro(nn.Module):
             states = hidden[:, first * m : (last + 1) * m].reshape(
                 x.shape[0], last - first + 1, m, -1
             )
-            enc, enc_mask = source(first, last, states)  # (B, n, S, E), (B, n, S)
+            enc, enc_mask, enc_tokens = source(first, last, states)  # (B, n, S, ...)
             if cache is None:  # training from position 0: the groups are exactly chunks 0..last
-                return enc, enc_mask, 0
+                return enc, enc_mask, enc_tokens, 0
             for u in range(first, last + 1):
-                fresh[u] = (enc[:, u - first], enc_mask[:, u - first])
+                fresh[u] = (enc[:, u - first], enc_mask[:, u - first], enc_tokens[:, u - first])
         if end < m:
             return None
         group_lo = (max(start, m - 1) + 1) // m - 1
@@ -429,28 +496,29 @@ class Retro(nn.Module):
         ]
         if all(e is None for e in entries):
             return None
-        stacked = _stack_encoded(
-            [e[0] if e else None for e in entries],
-            [e[1] if e else None for e in entries],
-            x,
-            self.config.enc_d_model,
-        )
-        return stacked[0], stacked[1], group_lo
+        return (*_stack_encoded(entries, x, self.config.enc_d_model), group_lo)
 
-    def _cca(
-        self, block: DecoderBlock, x: Tensor, start: int, context: tuple[Tensor, Tensor, int]
-    ) -> Tensor:
+    def _group(self, values: Tensor, start: int, group_lo: int, G: int) -> tuple[int, Tensor]:
+        """Lay the states of positions [max(start, m-1), ...) (B, t', C) out as CCA query groups.
+
+        Group g holds positions (group_lo+g)*m + m-1 + i, i < m (the m-1 shift); returns the
+        slot offset of the first position and the zero-padded groups (B*G, m, C).
+        """
+        m = self.config.chunk_size
+        B, n, C = values.shape
+        offset = max(start, m - 1) - (m - 1) - group_lo * m  # slot of the first position
+        tail = G * m - offset - n
+        return offset, F.pad(values, (0, 0, offset, tail)).reshape(B * G, m, C)
+
+    def _cca(self, block: DecoderBlock, x: Tensor, start: int, context: Context) -> Tensor:
         """Chunked cross-attention for positions [start, start+t) with the m-1 shift."""
         assert block.cca is not None and block.norm_cca is not None
-        states, mask, group_lo = context  # (B, G, S, E), (B, G, S)
+        states, mask, _, group_lo = context  # (B, G, S, E), (B, G, S)
         m, r = self.config.chunk_size, self.config.neighbor_len
         B, t, C = x.shape
         G, S = states.shape[1], states.shape[2]
         first_pos = max(start, m - 1)  # earlier positions attend to nothing
-        q = block.norm_cca(x[:, first_pos - start :])  # (B, t', C)
-        offset = first_pos - (m - 1) - group_lo * m  # slot of first_pos inside group group_lo
-        tail = G * m - offset - q.shape[1]
-        q = F.pad(q, (0, 0, offset, tail)).reshape(B * G, m, C)  # (B*G, m, C)
+        offset, q = self._group(block.norm_cca(x[:, first_pos - start :]), start, group_lo, G)
         q_rot = self.rotary(torch.arange(m, device=x.device), x.dtype)  # position inside the group
         k_rot = self.rotary(
             torch.arange(S, device=x.device) % r, x.dtype
@@ -461,16 +529,19 @@ class Retro(nn.Module):
 
 
 def _stack_encoded(
-    states: list[Tensor | None], masks: list[Tensor | None], like: Tensor, width: int
-) -> tuple[Tensor, Tensor]:
-    """Stack per-chunk encodings (B, S_u, E) into (B, G, max S, E), padding with masked slots."""
-    present = [s for s in states if s is not None]
-    B = like.shape[0]
+    entries: list[Encoded | None], like: Tensor, width: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack per-chunk encodings (B, S_u, ...) into (B, G, max S, ...), padding with masked slots."""
+    present = [e[0] for e in entries if e is not None]
+    B, G = like.shape[0], len(entries)
     S = max((s.shape[1] for s in present), default=1)  # no neighbours at all: one masked slot
-    out = like.new_zeros(B, len(states), S, width)
-    out_mask = torch.zeros(B, len(states), S, dtype=torch.bool, device=like.device)
-    for g, (s, msk) in enumerate(zip(states, masks, strict=True)):
-        if s is not None and msk is not None:
+    out = like.new_zeros(B, G, S, width)
+    out_mask = torch.zeros(B, G, S, dtype=torch.bool, device=like.device)
+    out_tokens = torch.full((B, G, S), NO_TOKEN, dtype=torch.long, device=like.device)
+    for g, entry in enumerate(entries):
+        if entry is not None:
+            s, msk, tok = entry
             out[:, g, : s.shape[1]] = s
             out_mask[:, g, : s.shape[1]] = msk
-    return out, out_mask
+            out_tokens[:, g, : s.shape[1]] = tok
+    return out, out_mask, out_tokens
