@@ -31,10 +31,10 @@ def result(tiny_db, runs):
     return evaluate(tiny_db, [runs["gpt"].parent, runs["retro"]], split="valid")
 
 
-def test_all_four_modes_finite_and_bpb_consistent(result, tiny_db):
+def test_all_modes_finite_and_bpb_consistent(result, tiny_db):
     from retrolm.evaluate import find_row
 
-    assert [r["model"] for r in result["rows"]] == ["GPT", "RAG_GPT", "RETRO", "RETRO-off"]
+    assert [r["model"] for r in result["rows"]] == ["GPT", "RAG_GPT", "RETRO", "RETRO-off", "RETRO-shuffled"]
     stream = np.asarray(tiny_db.streams["valid"].tokens, dtype=np.int64)
     # every token but the first is scored once; bytes are the decoded targets' UTF-8 bytes
     assert result["tokens"] == len(stream) - 1
@@ -46,6 +46,67 @@ def test_all_four_modes_finite_and_bpb_consistent(result, tiny_db):
     # retrieval changes RETRO's predictions; RAG_GPT's prompt changes the GPT's
     assert find_row(result, "RETRO")["nll_nats"] != pytest.approx(find_row(result, "RETRO-off")["nll_nats"])
     assert find_row(result, "RAG_GPT")["nll_nats"] != pytest.approx(find_row(result, "GPT")["nll_nats"])
+    # another sequence's neighbours give another score than the true ones
+    assert find_row(result, "RETRO-shuffled")["nll_nats"] != pytest.approx(find_row(result, "RETRO")["nll_nats"])
+
+
+def test_shuffle_is_a_fixed_derangement_within_equal_lengths():
+    from retrolm.evaluate import shuffle_sources
+
+    for n_full in (2, 3, 7, 10):
+        lengths = [64] * n_full + [20]  # full sequences and the short tail
+        src = shuffle_sources(lengths, 16)
+        assert all(s != i for i, s in enumerate(src))  # no fixed point
+        assert sorted(src[:n_full]) == list(range(n_full))  # a permutation of the full ones
+        assert src[-1] < n_full  # the short tail reads a full sequence's first windows
+        assert src == shuffle_sources(lengths, 16)  # data-only: the same on every call
+    assert shuffle_sources([64] * 4, 16) == [2, 3, 0, 1]  # half the split away
+    assert shuffle_sources([30], 16) == [0]  # a single sequence has no other one
+
+
+def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, runs, result):
+    from retrolm.evaluate import (
+        evaluate,
+        find_row,
+        prepare,
+        score_sequences,
+        shuffled_neighbour_ids,
+    )
+    from retrolm.model.checkpoint import load_model
+
+    data = prepare(tiny_db, "valid", SEQ, result["k"])
+    wrong = shuffled_neighbour_ids(data)
+    assert len(data.starts) >= 2 and np.array_equal(wrong, shuffled_neighbour_ids(data))
+    m = data.m
+    for start, length in zip(data.starts, data.lengths, strict=True):
+        n_win = -(-length // m)
+        assert not np.array_equal(wrong[start : start + n_win], data.neighbour_ids[start : start + n_win])
+    # the row is exactly RETRO scored with those ids, for each of two RETRO checkpoints in one call
+    res = evaluate(tiny_db, [runs["retro"], runs["gpt"], runs["retro"]], split="valid", rag=False)
+    rows = [r for r in res["rows"] if r["model"] == "RETRO-shuffled"]
+    model = load_model(runs["retro"])
+    want = score_sequences(model, tiny_db, data, True, neighbour_ids=wrong).sum()
+    assert len(rows) == 2 and all(r["nll_nats"] == pytest.approx(want, rel=1e-9) for r in rows)
+    assert find_row(res, "RETRO-shuffled")["nll_nats"] == pytest.approx(
+        find_row(result, "RETRO-shuffled")["nll_nats"], rel=1e-9)
+    # bucketed by the TRUE neighbours' overlap: the same chunks in every bucket as RETRO
+    retro, shuffled = find_row(result, "RETRO"), find_row(result, "RETRO-shuffled")
+    assert [b["n_chunks"] for b in retro["buckets"]] == [b["n_chunks"] for b in shuffled["buckets"]]
+    skipped = evaluate(tiny_db, [runs["retro"]], split="valid", shuffled=False)
+    assert [r["model"] for r in skipped["rows"]] == ["RETRO", "RETRO-off"]
+
+
+def test_content_gain_and_markdown(result):
+    from retrolm.evaluate import content_gain, find_row, to_markdown
+
+    gain = content_gain(result)
+    ppl = {name: find_row(result, name)["ppl"] for name in ("RETRO", "RETRO-off", "RETRO-shuffled")}
+    assert gain["retro_over_off"] == pytest.approx(ppl["RETRO"] / ppl["RETRO-off"])
+    assert gain["shuffled_over_retro"] == pytest.approx(ppl["RETRO-shuffled"] / ppl["RETRO"])
+    assert content_gain({"rows": []})["retro_over_off"] is None
+    text = to_markdown(result)
+    assert "| RETRO-shuffled | retro |" in text and "RETRO-shuffled bpb" in text
+    assert f"RETRO-shuffled / RETRO = {gain['shuffled_over_retro']:.3f}" in text
 
 
 def test_overlap_buckets_monotone_and_complete(result):
@@ -131,7 +192,9 @@ def test_cli_json_output(tiny_db_path, runs, capsys):
     main(["eval", "--db", str(tiny_db_path), "--checkpoint", str(runs["retro"].parent), "--split", "test",
           "--json"])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
-    assert out["split"] == "test" and [r["model"] for r in out["rows"]] == ["RETRO", "RETRO-off"]
+    assert out["split"] == "test" and [r["model"] for r in out["rows"]] == ["RETRO", "RETRO-off", "RETRO-shuffled"]
+    gain = out["content_gain"]["retro"]
+    assert gain["shuffled_over_retro"] == pytest.approx(out["rows"][2]["ppl"] / out["rows"][0]["ppl"])
 
 
 def test_cli_degeneration_flag(tiny_db_path, runs, capsys):

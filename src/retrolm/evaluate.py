@@ -1,4 +1,5 @@
-"""Held-out perplexity and bits-per-byte for GPT, RETRO, RETRO-off and RAG_GPT, with overlap buckets.
+"""Held-out perplexity and bits-per-byte for GPT, RETRO, RETRO-off, RETRO-shuffled and RAG_GPT,
+with overlap buckets.
 
 One pass over a database split (valid or test; its documents are never in the database)
 scores every token of the split's stream once, in non-overlapping sequences of n tokens
@@ -20,6 +21,13 @@ RAG_GPT context for the targets of chunk w inside one sequence (see docs/evaluat
 
 and only chunk w's targets are scored. Without a neighbour (w = 0, or none stored) the
 input is the sequence's own tokens, as for the GPT.
+
+RETRO-shuffled is the RETRO checkpoint fed the neighbours of ANOTHER evaluation sequence
+(`shuffle_sources`: a fixed derangement that depends only on the sequence lengths, so it
+is the same for every model). It keeps everything about retrieval (number, length and
+padding of neighbours, a chunk of real text from the database) except its relevance, so
+RETRO-shuffled / RETRO is the gain from the neighbours' content, while RETRO / RETRO-off
+also counts any gain from merely having neighbour-shaped input.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from retrolm.metrics import (
 )
 
 MODES_GPT = ("GPT", "RAG_GPT")
-MODES_RETRO = ("RETRO", "RETRO-off")
+MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -154,6 +162,59 @@ def prepare(db: Any, split: str, seq_len: int, k: int, max_sequences: int | None
     return EvalData(stream, m, seq_len, starts, lengths, ids, chunk_tokens, chunk_bytes, overlap)
 
 
+def shuffle_sources(lengths: list[int], m: int) -> list[int]:
+    """For each sequence, the other sequence whose neighbours RETRO-shuffled reads.
+
+    Why fixed and data-only: every model must be scored with the same wrong neighbours.
+    Sequences are grouped by length (all but the last are seq_len long); inside a group of
+    g >= 2, sequence j reads member (j + g // 2) mod g: no fixed point, and the source is
+    half the split away, so it is rarely the same or a neighbouring document. A sequence
+    alone in its group (the short last one) reads the first windows of the sequence half
+    the split away among those with at least as many windows. Only with a single sequence
+    in the split is the source the sequence itself (see `shuffled_neighbour_ids`).
+    """
+    n = len(lengths)
+    windows = [-(-length // m) for length in lengths]
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    sources = list(range(n))
+    for members in groups.values():
+        g = len(members)
+        if g >= 2:
+            for j, i in enumerate(members):
+                sources[i] = members[(j + g // 2) % g]
+        else:
+            i = members[0]
+            others = [o for o in range(n) if o != i and windows[o] >= windows[i]]
+            if others:
+                sources[i] = others[(len(others) // 2) % len(others)]
+    return sources
+
+
+def shuffled_neighbour_ids(data: EvalData) -> np.ndarray:
+    """(W, k) neighbour ids where each sequence's windows hold another sequence's neighbours.
+
+    Sequence i's windows get the ids of the first windows of `shuffle_sources(...)[i]`,
+    so shapes stay valid. With a single sequence in the split there is no other one: its
+    windows are rotated by half their number instead (a chunk of the same text, but never
+    the one retrieved for that position; a one-window sequence is unchanged, and its
+    targets see no neighbour anyway because of the CCA shift).
+    """
+    m = data.m
+    out = data.neighbour_ids.copy()
+    sources = shuffle_sources(data.lengths, m)
+    for i, (start, length) in enumerate(zip(data.starts, data.lengths, strict=True)):
+        n_win = -(-length // m)
+        src = sources[i]
+        if src == i:
+            rows = start + (np.arange(n_win) + n_win // 2) % n_win
+        else:
+            rows = data.starts[src] + np.arange(n_win)
+        out[start : start + n_win] = data.neighbour_ids[rows]
+    return out
+
+
 # -- scoring ----------------------------------------------------------------------------------
 
 
@@ -163,13 +224,17 @@ def _charge(sums: np.ndarray, nll: np.ndarray, positions: np.ndarray, m: int) ->
 
 
 def score_sequences(model: Any, db: Any, data: EvalData, retrieval: bool, batch_size: int = 8,
-                    device: str = "cpu") -> np.ndarray:  # fmt: skip
-    """Per-chunk NLL sums (nats, float64 (W,)) of `model` over the split's sequences."""
+                    device: str = "cpu", neighbour_ids: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Per-chunk NLL sums (nats, float64 (W,)) of `model` over the split's sequences.
+
+    `neighbour_ids` (W, k) replaces the stored neighbours (RETRO-shuffled); default: the true ones.
+    """
     import torch
     import torch.nn.functional as F
 
     m, sums = data.m, np.zeros(data.num_chunks, dtype=np.float64)
     use_nb = retrieval and bool(model.config.cca_layers)
+    nb_ids = data.neighbour_ids if neighbour_ids is None else neighbour_ids
     order = list(range(len(data.starts)))
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -185,7 +250,7 @@ def score_sequences(model: Any, db: Any, data: EvalData, retrieval: bool, batch_
                 neighbours = mask = None
                 if use_nb:
                     l_chunks = -(-length // m)
-                    ids = np.stack([data.neighbour_ids[s : s + l_chunks] for s in
+                    ids = np.stack([nb_ids[s : s + l_chunks] for s in
                                     (data.starts[i] for i in batch)])  # (B, l, k)  # fmt: skip
                     nb, nb_mask = db.chunks.gather(ids)  # (B, l, k, r)
                     neighbours = torch.as_tensor(nb, device=device)
@@ -285,11 +350,13 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
     rag: bool = True,
+    shuffled: bool = True,
 ) -> dict[str, Any]:
     """Evaluate checkpoints on a held-out split of `db` (a RetrievalDB or its path).
 
-    A GPT checkpoint gives rows GPT and RAG_GPT; a RETRO checkpoint gives RETRO and
-    RETRO-off (the same weights with retrieval switched off). k defaults to the largest
+    A GPT checkpoint gives rows GPT and RAG_GPT; a RETRO checkpoint gives RETRO,
+    RETRO-off (the same weights with retrieval switched off) and RETRO-shuffled (the same
+    weights fed another sequence's neighbours; `shuffled=False` skips it). k defaults to the largest
     `n_neighbors` of the RETRO checkpoints (2 without one); seq_len to the first
     checkpoint's training sequence length. Returns a JSON-able dict (see `to_markdown`).
     """
@@ -311,6 +378,7 @@ def evaluate(
     k = k if k is not None else (max(retro_ks) if retro_ks else 2)
     n = seq_len or trained_seq_len(dirs[0], models[0][1].config)
     data = prepare(db, split, n, k, max_sequences)
+    wrong_ids = shuffled_neighbour_ids(data) if shuffled and retro_ks else None
 
     rows: list[dict[str, Any]] = []
     for d, model in models:
@@ -319,6 +387,9 @@ def evaluate(
         if model.config.cca_layers:
             rows.append(_row("RETRO", d, score_sequences(model, db, data, True, batch_size, device), data))
             rows.append(_row("RETRO-off", d, score_sequences(model, db, data, False, batch_size, device), data))
+            if wrong_ids is not None:
+                rows.append(_row("RETRO-shuffled", d, score_sequences(model, db, data, True, batch_size, device,
+                                                                      wrong_ids), data))  # fmt: skip
         else:
             rows.append(_row("GPT", d, score_sequences(model, db, data, False, batch_size, device), data))
             if rag:
@@ -337,7 +408,8 @@ def evaluate(
         "bytes": int(data.chunk_bytes.sum()),
         "alphas": list(DEFAULT_ALPHAS),
         "overlap_note": "r(C) = longest common token run between chunk C and the neighbours of the "
-                        "previous chunk (those used to predict C), divided by m",
+                        "previous chunk (those used to predict C), divided by m; RETRO-shuffled is bucketed "
+                        "by the same r of the true neighbours, so its columns compare with RETRO's",
         "rows": rows,
     }
 
@@ -349,9 +421,33 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def find_row(result: dict[str, Any], model: str) -> dict[str, Any] | None:
-    """The first row of `result` for mode `model` (GPT, RAG_GPT, RETRO, RETRO-off)."""
-    return next((r for r in result["rows"] if r["model"] == model), None)
+def find_row(result: dict[str, Any], model: str, label: str | None = None) -> dict[str, Any] | None:
+    """The first row of `result` for mode `model` (GPT, RAG_GPT, RETRO, RETRO-off, RETRO-shuffled),
+    of the checkpoint labelled `label` when given."""
+    return next((r for r in result["rows"] if r["model"] == model and label in (None, r.get("label"))), None)
+
+
+def content_gain(result: dict[str, Any], label: str | None = None) -> dict[str, float | None]:
+    """How much a RETRO checkpoint gets from retrieval, split into its two causes.
+
+    `retro_over_off` = RETRO ppl / RETRO-off ppl (retrieval on vs off: < 1 means it helps)
+    and `shuffled_over_retro` = RETRO-shuffled ppl / RETRO ppl (> 1 means the model reads
+    the neighbours' content, not just their presence). None where a row is missing.
+    `label` picks the checkpoint when several RETROs were evaluated (default: the first).
+    """
+    retro = find_row(result, "RETRO", label)
+    label = retro.get("label") if retro else label
+    off, wrong = find_row(result, "RETRO-off", label), find_row(result, "RETRO-shuffled", label)
+
+    def ppl(row: dict[str, Any] | None) -> float | None:
+        return float(row["ppl"]) if row else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    p_retro, p_off, p_wrong = ppl(retro), ppl(off), ppl(wrong)
+    return {"retro_ppl": p_retro, "retro_off_ppl": p_off, "retro_shuffled_ppl": p_wrong,
+            "retro_over_off": ratio(p_retro, p_off), "shuffled_over_retro": ratio(p_wrong, p_retro)}  # fmt: skip
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -368,6 +464,13 @@ def to_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         ratio = _fmt(r["ppl"] / gpt["ppl"]) if gpt else "n/a"
         lines.append(f"| {r['model']} | {r.get('label', '')} | {_fmt(r['ppl'], 2)} | {_fmt(r['bpb'])} | {ratio} |")
+    for label in dict.fromkeys(r.get("label") for r in result["rows"] if r["model"] == "RETRO"):
+        gain = content_gain(result, label)
+        parts = [f"RETRO / RETRO-off = {_fmt(gain['retro_over_off'])} (retrieval on vs off)"]
+        if gain["shuffled_over_retro"] is not None:
+            parts.append(f"RETRO-shuffled / RETRO = {_fmt(gain['shuffled_over_retro'])} "
+                         "(above 1: the model reads its neighbours' content)")  # fmt: skip
+        lines += ["", f"Retrieval gain of {label or 'RETRO'}: " + "; ".join(parts) + "."]
     lines += ["", "Overlap buckets (SPEC §1): bpb over chunks with r(C) <= alpha; " + result["overlap_note"] + ".",
               "", "| alpha | share of chunks | " + " | ".join(f"{r['model']} bpb" for r in result["rows"]) + " |",
               "|---|---|" + "---|" * len(result["rows"])]  # fmt: skip

@@ -1,4 +1,5 @@
-"""`retrolm eval`: held-out perplexity / bpb of GPT, RETRO, RETRO-off and RAG_GPT, overlap buckets."""
+"""`retrolm eval`: held-out perplexity / bpb of GPT, RETRO, RETRO-off, RETRO-shuffled and RAG_GPT,
+overlap buckets."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def eval_command(
     seq_len: int | None = typer.Option(None, "--seq-len", help="Sequence length (default: as trained)."),
     max_sequences: int | None = typer.Option(None, "--max-sequences", help="Evaluate only the first N."),
     no_rag: bool = typer.Option(False, "--no-rag", help="Skip RAG_GPT for GPT checkpoints."),
+    no_shuffled: bool = typer.Option(
+        False, "--no-shuffled", help="Skip RETRO-shuffled (RETRO fed another sequence's neighbours)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of Markdown tables."),
     degeneration: bool = typer.Option(
         False, "--degeneration", help="Also measure repetition % of sampled generations (SPEC §2)."
@@ -33,14 +37,15 @@ def eval_command(
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
-    from retrolm.evaluate import evaluate, to_markdown
+    from retrolm.evaluate import content_gain, evaluate, to_markdown
     from retrolm.loading import resolve_checkpoint_dir
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")
     database = RetrievalDB.open(db)
     result = evaluate(database, list(checkpoint), split=split, k=k, max_sequences=max_sequences,
-                      seq_len=seq_len, device=device, rag=not no_rag)  # fmt: skip
+                      seq_len=seq_len, device=device, rag=not no_rag,
+                      shuffled=not no_shuffled)  # fmt: skip
     if degeneration:
         try:
             from retrolm.degeneration import evaluate_degeneration
@@ -52,6 +57,8 @@ def eval_command(
         result["degeneration"] = evaluate_degeneration(database, dirs, prompts, max_new_tokens=max_new_tokens,
                                                        k=result["k"])  # fmt: skip
     if as_json:
+        labels = dict.fromkeys(r.get("label") for r in result["rows"] if r["model"] == "RETRO")
+        result["content_gain"] = {str(label): content_gain(result, label) for label in labels}
         typer.echo(json.dumps(result, indent=2, default=float))
         return
     typer.echo(to_markdown(result))
