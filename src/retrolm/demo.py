@@ -1,23 +1,30 @@
 """`retrolm demo`: the product's main job, end to end, honestly.
 
-Build the retrieval database (dense MiniLM + FAISS by default), train a GPT and a RETRO
-with the same decoder on the same token sequences, evaluate both on held-out documents
-(never in the database), and write `<out>/report.md` with the comparison, the overlap
-buckets, loss curves, a sample from each model, the leakage controls and timings.
+Build the retrieval database, train a GPT and a RETRO with the same decoder on the same
+token sequences (for `seeds` seeds), evaluate them on held-out documents (never in the
+database) as GPT, RAG_GPT, RETRO, RETRO-off and RETRO-shuffled, and write
+`<out>/report.md`: a verdict computed from the numbers, one headline table, the overlap
+plot, loss curves, one sampled continuation per model (RETRO's with the neighbours it
+read), the checked leakage controls, the settings and the wall time of every stage.
 
-Budget: `minutes` covers the whole run. The database is built first; what is left (minus
-a reserve for evaluation) is split so that the GPT trains for `gpt_minutes` and the
-RETRO then trains on exactly the GPT's token count (same sequences, same order, same
-schedule), taking about `RETRO_TIME_RATIO` times as long. The decided settings go to
-`<out>/plan.json` before training, so a re-run (or a run resumed after a kill) keeps
-them: a complete database and finished checkpoints are reused, not rebuilt.
+Budget: by default a fixed number of training tokens per run (`DemoSettings.tokens`), so
+a busy machine takes longer but prints the same numbers. `minutes` (the old behaviour)
+plans the seed-0 GPT's training time from what is left of the budget after the database;
+every other run then trains on that GPT's token count. The decided budget goes to
+`<out>/plan.json` before training, so a re-run (or a run resumed after a kill) keeps it:
+a complete database, finished checkpoints and a cached evaluation are reused.
+
+Every setting of the demo lives in `FULL` / `TINY` below.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +33,76 @@ import numpy as np
 from retrolm.atomic import atomic_path, sha256_file, write_json
 from retrolm.errors import RetrolmError
 
-# RETRO / GPT training time for the demo's settings (cpu-small, one encoder layer, k = 1,
-# bf16), measured on an idle 2-core machine: 266.8 s / 252.6 s = 1.06 (504 steps),
-# 413.9 s / 333.7 s = 1.24 (735 steps), 386.2 s / 303.7 s = 1.27 (681 steps; 14 min 44 s
-# in all with this value); about 1.25 keeps the demo near its budget.
-RETRO_TIME_RATIO = 1.25
-TINY_DOCS = 80  # documents in the --tiny corpus slice
-HEADLINE_SPLIT = "test"  # the number quoted; "valid" is reported too (and was used for tuning)
+# -- settings: everything the demo decides, in one place ---------------------------------------
 
-# The full demo: cpu-small decoder on builtin:pydocs. Chosen on the valid split (docs/results.md).
-FULL = {
-    "db": {"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": [96, 2, 2], "seed": 0,
-           "embed_dtype": "bf16"},
-    "model": "cpu-small",
-    "overrides": {"enc_layers": 1},
-    "train": {"seq_len": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
-              "bf16": True, "k": 1, "checkpoint_every": 50, "seed": 0},
-    "eval_reserve_minutes": 1.0,
-}  # fmt: skip
-# --tiny: a test-sized run (well under a minute): tiny model, 80-document corpus slice.
-TINY = {
-    "db": {"chunk_size": 32, "vocab_size": 512, "neighbors": 4, "split": [80, 10, 10], "seed": 0,
-           "embed_dtype": "bf16"},
-    "model": "tiny",
-    "overrides": {"max_seq_len": 128},
-    "train": {"seq_len": 128, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
-              "bf16": False, "k": 2, "checkpoint_every": 10, "seed": 0},
-    "tokens": 128 * 4 * 12,
-}  # fmt: skip
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How the report's sample continuations are decoded (nucleus sampling, fixed seed)."""
+
+    prompt_tokens: int  # opening tokens of a held-out document
+    new_tokens: int
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.2  # CTRL-style; with top_p this keeps small models from looping
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """One demo configuration: corpus, retriever, database, model, training, budget, report."""
+
+    corpus: str
+    retriever: str  # "dense" (MiniLM + FAISS) or "bm25"
+    db: dict[str, Any]  # RetrievalDB.build keyword arguments (besides corpus and retriever)
+    model: str  # RetroConfig preset
+    overrides: dict[str, Any]  # RetroConfig field overrides
+    train: dict[str, Any]  # TrainConfig fields (the seed is set per run)
+    tokens: int  # training tokens per run: GPT and RETRO alike, every seed
+    sample: SampleSettings
+    eval_splits: tuple[str, ...] = ("test", "valid")  # the first is the headline
+    corpus_docs: int | None = None  # use every k-th document, at most this many (--tiny)
+    eval_reserve_minutes: float = 1.0  # --minutes only: time kept for evaluation
+
+
+# The full demo: cpu-small decoder on builtin:pydocs; 681 steps of 4 x 256 tokens per run
+# (the token count of the measured 15-minute run in docs/results.md).
+FULL = DemoSettings(
+    corpus="builtin:pydocs",
+    retriever="dense",
+    db={"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": (96, 2, 2), "seed": 0,
+        "embed_dtype": "bf16"},
+    model="cpu-small",
+    overrides={"enc_layers": 1},
+    train={"seq_len": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
+           "bf16": True, "k": 1, "checkpoint_every": 50},
+    tokens=681 * 4 * 256,
+    sample=SampleSettings(prompt_tokens=96, new_tokens=128),
+)  # fmt: skip
+# --tiny: a test-sized run: tiny model, 80-document corpus slice, 12 steps per run.
+TINY = DemoSettings(
+    corpus="builtin:pydocs",
+    retriever="dense",
+    db={"chunk_size": 32, "vocab_size": 512, "neighbors": 4, "split": (80, 10, 10), "seed": 0,
+        "embed_dtype": "bf16"},
+    model="tiny",
+    overrides={"max_seq_len": 128},
+    train={"seq_len": 128, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
+           "bf16": False, "k": 2, "checkpoint_every": 10},
+    tokens=128 * 4 * 12,
+    sample=SampleSettings(prompt_tokens=48, new_tokens=48),
+    corpus_docs=80,
+)  # fmt: skip
+
+# --minutes only: RETRO / GPT training time for the full settings, measured on an idle
+# 2-core machine at 1.06, 1.24 and 1.27 (docs/results.md).
+RETRO_TIME_RATIO = 1.25
+# A perplexity ratio within this of 1 is read as "no difference": two training runs of
+# the same model differ by a few percent, so a 1-3% gap is not a result.
+MIN_EFFECT = 0.03
+MODELS = ("GPT", "RAG_GPT", "RETRO", "RETRO-off", "RETRO-shuffled")
+RATIOS = (("RETRO", "GPT"), ("RETRO", "RETRO-off"), ("RETRO-shuffled", "RETRO"))
+HIGH_OVERLAP = 0.5  # a held-out chunk shares more than half a chunk verbatim with a neighbour
 
 
 def log(message: str) -> None:
@@ -79,6 +128,12 @@ def write_slice(corpus: str, path: Path, n_docs: int) -> str:
 # -- stages ----------------------------------------------------------------------------------
 
 
+def run_dirs(out: Path, seed: int) -> dict[str, Path]:
+    """The GPT and RETRO run directories of one seed (seed 0 keeps the plain names)."""
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    return {"GPT": out / f"gpt{suffix}", "RETRO": out / f"retro{suffix}"}
+
+
 def _finished(run_dir: Path) -> dict[str, Any] | None:
     state = run_dir / "final" / "trainer_state.json"
     if state.is_file():
@@ -93,17 +148,17 @@ def _train(db_dir: Path, config: Any, run_dir: Path, settings: dict[str, Any], r
     """Train (or resume, or reuse) one run; return its final trainer_state and whether it ran."""
     from retrolm.train import TrainConfig, train
 
-    name = "RETRO" if retrieval else "GPT"
+    name = f"{'RETRO' if retrieval else 'GPT'} checkpoint (seed {settings['seed']})"
     done = _finished(run_dir)
     if done is not None:
-        log(f"reusing the finished {name} checkpoint {run_dir / 'final'} (step {done['step']})")
+        log(f"reusing the finished {name} {run_dir / 'final'} (step {done['step']})")
         return done, False
     cfg = TrainConfig(retrieval=retrieval, resume=True, progress=progress, **settings, **budget)
-    log(f"training {name} into {run_dir} ({', '.join(f'{k}={v}' for k, v in budget.items())})")
+    log(f"training the {name} into {run_dir} ({', '.join(f'{k} {v}' for k, v in budget.items())})")
     train(db_dir, config, run_dir, cfg)
     state = _finished(run_dir)
     if state is None:
-        raise RetrolmError(f"training {name} in {run_dir} did not finish; re-run the demo to resume it")
+        raise RetrolmError(f"training in {run_dir} did not finish; re-run the demo to resume it")
     return state, True
 
 
@@ -121,37 +176,6 @@ def _run_stats(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         "median_step_tokens_per_s": round(float(np.median(rates)), 1) if rates else None,
         "final_loss": records[-1]["loss"] if records else None,
     }
-
-
-def plot_curves(runs: dict[str, Path], path: Path) -> Path | None:
-    """One PNG with the training loss of every run against tokens."""
-    import matplotlib
-
-    from retrolm.training.monitor import read_metrics
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for name, run_dir in runs.items():
-        records = read_metrics(run_dir)
-        if records:
-            ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=name, linewidth=1)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("train loss (nats/token)")
-    ax.set_title("GPT vs RETRO (same decoder, same sequences)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
 
 
 def leakage_controls(db: Any) -> dict[str, Any]:
@@ -180,239 +204,6 @@ def leakage_controls(db: Any) -> dict[str, Any]:
     }
 
 
-# -- samples ----------------------------------------------------------------------------------
-
-
-def _greedy(model: Any, db: Any, prompt: list[int], n_new: int, k: int) -> list[int]:
-    """Greedy decoding with the step API; RETRO retrieves each completed chunk online."""
-    import torch
-
-    def retrieve(_u: int, chunk_tokens: torch.Tensor):  # chunk_tokens (1, m)
-        text = db.tokenizer.decode(chunk_tokens[0].tolist())
-        _, ids = db.retriever.search([text], k)  # (1, k)
-        nb, mask = db.chunks.gather(ids)  # (1, k, r)
-        return torch.as_tensor(nb), torch.as_tensor(mask)
-
-    cb = retrieve if model.config.cca_layers else None
-    logits, cache = model.step(torch.tensor([prompt]), None, cb)
-    out: list[int] = []
-    for _ in range(n_new):
-        nxt = int(logits[0, -1].argmax())
-        if nxt == db.tokenizer.eos_id:
-            break
-        out.append(nxt)
-        logits, cache = model.step(torch.tensor([[nxt]]), cache, cb)
-    return out
-
-
-def sample_generations(db: Any, runs: dict[str, Path], split: str, n_prompt: int, n_new: int,
-                       k: int) -> dict[str, Any]:  # fmt: skip
-    """One greedy continuation per model of the first held-out document's opening tokens."""
-    from retrolm.loading import load_checkpoint
-
-    stream = db.streams[split]
-    long_enough = [i for i, (_, n) in enumerate(stream.docs) if n > n_prompt + n_new]
-    start, length = (int(x) for x in stream.docs[long_enough[0] if long_enough else 0])
-    prompt = [int(t) for t in stream.read(start, start + min(n_prompt, length - 1))]
-    truth = [int(t) for t in stream.read(start + len(prompt), min(start + length, start + len(prompt) + n_new))]
-    out = {"split": split, "prompt": db.tokenizer.decode(prompt), "reference": db.tokenizer.decode(truth),
-           "samples": {}}  # fmt: skip
-    for name, run_dir in runs.items():
-        model = load_checkpoint(run_dir / "final").eval()
-        try:
-            from retrolm.generate import generate
-
-            res = generate(model, db.tokenizer, db.tokenizer.decode(prompt), db=db, max_new_tokens=n_new,
-                           greedy=True, k=k, prompt_ids=[prompt])  # fmt: skip
-            text, how = res[0].text, "retrolm.generate (greedy)"
-        except ImportError:
-            text, how = db.tokenizer.decode(_greedy(model, db, prompt, n_new, k)), "step-API greedy loop"
-        out["samples"][name] = text
-        out["method"] = how
-    return out
-
-
-# -- the run ----------------------------------------------------------------------------------
-
-
-def _plan(out: Path, key: dict[str, Any], make: Any) -> dict[str, Any]:
-    """The stored plan when its key matches; a new one otherwise (refused over other runs)."""
-    path = out / "plan.json"
-    if path.is_file():
-        plan = json.loads(path.read_text())
-        if plan.get("key") == key:
-            return plan
-        if (out / "gpt").exists() or (out / "retro").exists():
-            raise RetrolmError(
-                f"{out} holds a demo run made with other settings ({path}); use the same settings or a new --out"
-            )
-    plan = {"key": key, **make()}
-    write_json(path, plan)
-    return plan
-
-
-def run_demo(
-    corpus: str = "builtin:pydocs",
-    out: str | Path = "runs/demo",
-    minutes: float = 15.0,
-    tiny: bool = False,
-    retriever: str = "dense",
-    progress: bool = True,
-    train_overrides: dict[str, Any] | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    tokens: int | None = None,
-) -> dict[str, Any]:
-    """Run the whole demo into `out`; return the results (also in `<out>/results.json`).
-
-    `tokens` fixes the training tokens of each run instead of deriving them from
-    `minutes` (results then do not depend on the machine's load; wall time does).
-    `train_overrides` / `model_overrides` change the preset's TrainConfig fields / model
-    config fields (for experiments; they are part of the stored plan).
-    """
-    from retrolm.db.database import RetrievalDB
-    from retrolm.evaluate import evaluate
-    from retrolm.model.config import RetroConfig
-
-    t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if minutes <= 0:
-        raise RetrolmError(f"--minutes must be > 0, got {minutes}")
-    preset = dict(TINY if tiny else FULL)
-    preset["train"] = {**preset["train"], **(train_overrides or {})}
-    preset["overrides"] = {**preset["overrides"], **(model_overrides or {})}
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    # 1. database
-    spec = write_slice(corpus, out / "corpus-slice.jsonl", TINY_DOCS) if tiny else corpus
-    db_dir = out / "db"
-    manifest = db_dir / "manifest.json"
-    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
-    t = time.time()
-    db_kwargs = {**preset["db"], "split": tuple(preset["db"]["split"]), "retriever": retriever}
-    log(f"database {db_dir} ({retriever} retriever, corpus {spec})")
-    db = RetrievalDB.build(spec, db_dir, progress=progress, **db_kwargs)
-    db_reused = before is not None and manifest.stat().st_mtime_ns == before
-    log("reusing the complete database" if db_reused else f"database built in {time.time() - t:.0f} s")
-    if not db_reused:
-        timings["db_seconds"] = round(time.time() - t, 1)
-
-    # 2. plan (stored: a re-run keeps it)
-    config = RetroConfig.from_name(preset["model"], vocab_size=db.vocab_size, chunk_size=db.chunk_size,
-                                   **preset["overrides"])  # fmt: skip
-    key = {"corpus": corpus, "tiny": tiny, "retriever": retriever, "minutes": minutes, "tokens": tokens,
-           "model": config.to_dict(), "train": preset["train"]}  # fmt: skip
-
-    def make() -> dict[str, Any]:
-        if tiny or tokens is not None:
-            return {"gpt_budget": {"tokens": tokens or TINY["tokens"]}}
-        left = minutes - (time.time() - t0) / 60 - preset["eval_reserve_minutes"]
-        gpt_minutes = max(0.5, left / (1 + RETRO_TIME_RATIO))
-        if left / (1 + RETRO_TIME_RATIO) < 0.5:
-            log(f"only {max(left, 0):.1f} min left after the database: training the GPT for 0.5 min anyway")
-        return {"gpt_budget": {"minutes": round(gpt_minutes, 3)}}
-
-    plan = _plan(out, key, make)
-    settings = dict(preset["train"])
-
-    # 3. training: GPT on a time budget, then RETRO on exactly the GPT's tokens
-    runs = {"GPT": out / "gpt", "RETRO": out / "retro"}
-    t = time.time()
-    gpt_state, ran = _train(db_dir, config, runs["GPT"], settings, False, plan["gpt_budget"], progress)
-    if ran:
-        timings["gpt_seconds"] = round(time.time() - t, 1)
-    t = time.time()
-    retro_state, ran = _train(db_dir, config, runs["RETRO"], settings, True,
-                              {"tokens": int(gpt_state["tokens_seen"])}, progress)  # fmt: skip
-    if ran:
-        timings["retro_seconds"] = round(time.time() - t, 1)
-    write_json(timings_path, timings)
-
-    # 4. evaluation on both held-out splits (the headline is HEADLINE_SPLIT)
-    # (cached in <out>/eval_cache.json, keyed by the checkpoints' weights, so a re-run is quick)
-    t = time.time()
-    finals = [runs["GPT"] / "final", runs["RETRO"] / "final"]
-    splits = (HEADLINE_SPLIT,) if tiny else ("valid", "test")
-    cache_key = {"weights": [sha256_file(f / "model.safetensors") for f in finals], "k": settings["k"],
-                 "splits": list(splits), "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
-    cache_path = out / "eval_cache.json"
-    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if cached.get("key") == cache_key:
-        log("reusing the evaluation of these checkpoints (eval_cache.json)")
-        results, samples = cached["eval"], cached["samples"]
-    else:
-        results = {s: evaluate(db, finals, split=s, k=settings["k"]) for s in splits}
-        # 5. one sample per model
-        samples = sample_generations(db, runs, HEADLINE_SPLIT, db.chunk_size + db.chunk_size // 2,
-                                     db.chunk_size + db.chunk_size // 2, settings["k"])  # fmt: skip
-        write_json(cache_path, {"key": cache_key, "eval": results, "samples": samples})
-        timings["eval_seconds"] = round(time.time() - t, 1)
-
-    # 6. curves, leakage checks, report
-    curves = plot_curves(runs, out / "loss_curves.png")
-    wall = time.time() - t0
-    timings["last_invocation_seconds"] = round(wall, 1)
-    if not db_reused and "first_run_seconds" not in timings:
-        timings["first_run_seconds"] = round(wall, 1)
-    write_json(timings_path, timings)
-    summary = {
-        "corpus": corpus,
-        "tiny": tiny,
-        "database": str(db_dir),
-        "retriever": retriever,
-        "db_reused": db_reused,
-        "plan": plan,
-        "model": preset["model"],
-        "model_overrides": preset["overrides"],
-        "train_settings": settings,
-        "runs": {"GPT": _run_stats(runs["GPT"], gpt_state), "RETRO": _run_stats(runs["RETRO"], retro_state)},
-        "eval": results,
-        "headline_split": HEADLINE_SPLIT,
-        "leakage": leakage_controls(db),
-        "training_signal": training_signal(db, settings["seq_len"], settings["k"]),
-        "samples": samples,
-        "loss_curves": curves.name if curves else None,
-        "timings": timings,
-    }
-    summary["comparison"] = comparison(results)
-    write_json(out / "results.json", summary)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(render_report(summary), encoding="utf-8")
-    log(f"report: {out / 'report.md'} ({wall:.0f} s this run)")
-    return summary
-
-
-def comparison(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per split: GPT, RETRO, RETRO-off, RAG_GPT perplexity and RETRO/GPT ratio."""
-    from retrolm.evaluate import find_row
-
-    table = {}
-    for split, res in results.items():
-        row = {name: find_row(res, name)["ppl"] for name in ("GPT", "RETRO", "RETRO-off", "RAG_GPT")
-               if find_row(res, name)}  # fmt: skip
-        row["ratio"] = row["RETRO"] / row["GPT"]
-        row["tokens"] = res["tokens"]
-        table[split] = row
-    return table
-
-
-def comparison_markdown(summary: dict[str, Any]) -> str:
-    """The headline table: GPT ppl, RETRO ppl, ratio, RETRO-off, RAG_GPT per split."""
-    lines = ["| split | tokens | GPT ppl | RETRO ppl | RETRO/GPT | RETRO-off ppl | RAG_GPT ppl |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for split, row in summary["comparison"].items():
-        mark = " (headline)" if split == summary["headline_split"] else ""
-        lines.append(
-            f"| {split}{mark} | {row['tokens']} | {row['GPT']:.2f} | {row['RETRO']:.2f} | {row['ratio']:.3f} | "
-            f"{row['RETRO-off']:.2f} | {row['RAG_GPT']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# -- the report ---------------------------------------------------------------------------------
-
-
 def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> dict[str, Any]:
     """How often training rewards reading the neighbours: overlap of train chunks with theirs.
 
@@ -431,127 +222,872 @@ def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> 
     }
 
 
-def training_signal_sentence(signal: dict[str, Any]) -> str:
-    return (
-        f"In training, {100 * signal['share_over_half']:.1f}% of train chunks share more than half a "
-        f"chunk verbatim with their neighbours and {100 * signal['share_at_most_eighth']:.0f}% share at "
-        f"most 1/8 (first {signal['chunks']} train chunks): that is how often RETRO was rewarded "
-        "for reading its neighbours (docs/results.md)."
+# -- samples ----------------------------------------------------------------------------------
+
+
+def _retro_chunks(
+    db: Any, prompt: list[int], new: list[int], retrieval: list[Any]
+) -> list[dict[str, Any]]:
+    """RETRO's text chunk by chunk, each with the neighbours it read while writing it.
+
+    Chunk u (tokens u*m .. u*m+m-1 of prompt + continuation) is predicted with the
+    neighbours retrieved with chunk u-1 (the CCA shift); chunks made of prompt only are
+    left out.
+    """
+    from retrolm.generation.retrieval import describe_chunks
+
+    m, tokens = db.chunk_size, prompt + new
+    by_chunk = {rec.chunk_index: rec for rec in retrieval}
+    out = []
+    for u in range(1, -(-len(tokens) // m)):
+        if (u + 1) * m <= len(prompt):
+            continue
+        piece = tokens[u * m : (u + 1) * m]
+        rec = by_chunk.get(u - 1)
+        read = describe_chunks(db, rec.chunk_ids, rec.scores) if rec is not None else []
+        out.append({
+            "chunk": u,
+            "prompt_tokens": max(0, min(len(prompt) - u * m, len(piece))),
+            "text": db.tokenizer.decode(piece),
+            "read": [{"doc_id": nb["doc_id"], "score": round(nb["score"], 4),
+                      "text": nb["text"] + nb["continuation"]} for nb in read],
+        })  # fmt: skip
+    return out
+
+
+def sample_generations(db: Any, runs: dict[str, Path], split: str, sample: SampleSettings,
+                       k: int) -> dict[str, Any]:  # fmt: skip
+    """One sampled continuation per model of the first long enough held-out document's opening."""
+    from retrolm.generate import generate
+    from retrolm.loading import load_checkpoint
+
+    n_prompt, n_new = sample.prompt_tokens, sample.new_tokens
+    stream = db.streams[split]
+    long_enough = [i for i, (_, n) in enumerate(stream.docs) if n > n_prompt + n_new]
+    start, length = (int(x) for x in stream.docs[long_enough[0] if long_enough else 0])
+    prompt = [int(t) for t in stream.read(start, start + min(n_prompt, length - 1))]
+    truth = [
+        int(t)
+        for t in stream.read(start + len(prompt), min(start + length, start + len(prompt) + n_new))
+    ]
+    out: dict[str, Any] = {"split": split, "prompt": db.tokenizer.decode(prompt),
+                           "reference": db.tokenizer.decode(truth), "samples": {}}  # fmt: skip
+    for name, run_dir in runs.items():
+        model = load_checkpoint(run_dir / "final").eval()
+        res = generate(model, db.tokenizer, out["prompt"], db=db, max_new_tokens=n_new, greedy=False,
+                       temperature=sample.temperature, top_p=sample.top_p,
+                       repetition_penalty=sample.repetition_penalty, seed=sample.seed, k=k,
+                       return_retrieval=False, prompt_ids=[prompt])[0]  # fmt: skip
+        entry: dict[str, Any] = {"text": res.text, "finish_reason": res.finish_reason}
+        if model.config.cca_layers:
+            entry["chunks"] = _retro_chunks(db, prompt, list(res.token_ids), res.retrieval)
+        out["samples"][name] = entry
+    return out
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, min, max and (population) standard deviation of per-seed values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max()),
+            "std": float(arr.std()), "values": [float(v) for v in arr]}  # fmt: skip
+
+
+def comparison(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per split: each model's ppl and bpb and each ratio, as spreads over the seeds.
+
+    `per_seed[s][split]` is `evaluate`'s result for seed s. A model (RETRO-shuffled with
+    an evaluation that does not produce it) missing in any seed is left out.
+    """
+    from retrolm.evaluate import find_row
+
+    table: dict[str, dict[str, Any]] = {}
+    for split in per_seed[0]:
+        results = [seed[split] for seed in per_seed]
+        rows: dict[str, Any] = {}
+        for name in MODELS:
+            found = [find_row(res, name) for res in results]
+            if all(found):
+                rows[name] = {
+                    "ppl": spread([r["ppl"] for r in found]),
+                    "bpb": spread([r["bpb"] for r in found]),
+                    "buckets": [
+                        {"alpha": b["alpha"], "share": b["share"], "n_chunks": b["n_chunks"],
+                         "bpb": float(np.mean([r["buckets"][i]["bpb"] for r in found]))}
+                        for i, b in enumerate(found[0]["buckets"])
+                    ],
+                }  # fmt: skip
+        ratios = {f"{a}/{b}": spread([rows[a]["ppl"]["values"][s] / rows[b]["ppl"]["values"][s]
+                                      for s in range(len(results))])
+                  for a, b in RATIOS if a in rows and b in rows}  # fmt: skip
+        table[split] = {"tokens": results[0]["tokens"], "chunks": results[0]["chunks"],
+                        "bytes": results[0]["bytes"], "rows": rows, "ratios": ratios}  # fmt: skip
+    return table
+
+
+def overlap_shares(split_table: dict[str, Any]) -> dict[str, float]:
+    """Share of held-out chunks whose overlap with their neighbours is > 1/2 and > 1/8."""
+    buckets = next(iter(split_table["rows"].values()))["buckets"]
+    by_alpha = {round(b["alpha"], 4): b["share"] for b in buckets}
+    return {"over_half": 1.0 - by_alpha[HIGH_OVERLAP], "over_eighth": 1.0 - by_alpha[0.125]}
+
+
+def judge(stat: dict[str, Any] | None) -> str | None:
+    """Read a per-seed ratio: "below" / "above" 1 in every seed by more than MIN_EFFECT,
+    "same" (every seed within MIN_EFFECT of 1), or "unclear" (the seeds disagree)."""
+    if stat is None:
+        return None
+    if stat["max"] <= 1 - MIN_EFFECT:
+        return "below"
+    if stat["min"] >= 1 + MIN_EFFECT:
+        return "above"
+    if stat["min"] > 1 - MIN_EFFECT and stat["max"] < 1 + MIN_EFFECT:
+        return "same"
+    return "unclear"
+
+
+def verdict(s: dict[str, Any]) -> str:
+    """The plain-language verdict, computed from the headline split's ratios."""
+    split, n = s["headline_split"], s["seeds"]
+    ratios = s["comparison"][split]["ratios"]
+    gpt, off, shuf = (
+        ratios["RETRO/GPT"],
+        ratios.get("RETRO/RETRO-off"),
+        ratios.get("RETRO-shuffled/RETRO"),
+    )
+    j_gpt, j_off, j_shuf = judge(gpt), judge(off), judge(shuf)
+    noise = f"{100 * MIN_EFFECT:.0f}%"
+
+    def rng(stat: dict[str, Any]) -> str:
+        return f" (seeds: {stat['min']:.3f}-{stat['max']:.3f})" if n > 1 else ""
+
+    def pct(stat: dict[str, Any], inverse: bool = False) -> str:
+        ratio = 1 / stat["mean"] if inverse else stat["mean"]
+        return f"{100 * abs(1 - ratio):.1f}%"
+
+    head = f"On `{split}` the RETRO/GPT perplexity ratio is {gpt['mean']:.3f}{rng(gpt)}: "
+    head += {
+        "below": f"RETRO is {pct(gpt)} better than a GPT trained on the same tokens",
+        "above": f"RETRO is {pct(gpt)} worse than a GPT trained on the same tokens",
+        "same": f"within {noise} of the GPT, which is no difference (two training runs differ by that much)",
+        "unclear": f"{pct(gpt)} {'better' if gpt['mean'] < 1 else 'worse'} on average, but the seeds disagree, "
+        "so it is no clear difference",
+    }[j_gpt]
+    paid = j_gpt == "below" and j_off == "below"
+    lines = [
+        "**Verdict: retrieval paid off on this corpus.**" if paid else
+        "**Verdict: retrieval did not pay off on this corpus.**",
+        head + ".",
+    ]  # fmt: skip
+    if off is not None:
+        lines.append({
+            "below": f"RETRO beats RETRO-off by {pct(off)}{rng(off)}: the trained model uses its neighbours.",
+            "above": f"RETRO is {pct(off)} worse than RETRO-off{rng(off)}: its neighbours hurt it.",
+            "same": f"RETRO is within {pct(off)} of RETRO-off{rng(off)}: the model did not learn to use its "
+                    "neighbours, so any difference to the GPT comes from training, not retrieval.",
+            "unclear": f"RETRO is {pct(off)} {'below' if off['mean'] < 1 else 'above'} RETRO-off on average but "
+                       f"the seeds disagree{rng(off)}: no clear use of the neighbours.",
+        }[j_off])  # fmt: skip
+    if shuf is None:
+        lines.append("RETRO-shuffled was not evaluated, so whether a gain comes from the neighbours' content "
+                     "is not checked.")  # fmt: skip
+    elif j_shuf == "above" and j_off == "below":
+        lines.append(f"RETRO beats RETRO-shuffled by {pct(shuf, inverse=True)}{rng(shuf)}: the gain comes from "
+                     "the neighbours' content, not from seeing some text.")  # fmt: skip
+    elif j_shuf == "above":
+        lines.append(f"RETRO-shuffled is {pct(shuf)} worse than RETRO{rng(shuf)}: wrong neighbours hurt it, so "
+                     "it does read them, but the right ones do not make it better than without any.")  # fmt: skip
+    elif j_off == "below":
+        lines.append(
+            f"But RETRO-shuffled is not clearly worse than RETRO ({pct(shuf)} apart{rng(shuf)}): the "
+            "gain does not come from what the neighbours say (unrelated database text helps as much)."
+        )
+    else:
+        lines.append(f"RETRO-shuffled (wrong neighbours) is {pct(shuf)} from RETRO{rng(shuf)}: what the "
+                     "neighbours say makes no clear difference to it.")  # fmt: skip
+    return " ".join(lines)
+
+
+def corpus_case(s: dict[str, Any]) -> str:
+    """Which case the corpus is: how much text related to the held-out chunks the database holds."""
+    split = s["headline_split"]
+    shares = overlap_shares(s["comparison"][split])
+    high, some = shares["over_half"], shares["over_eighth"]
+    numbers = (f"{100 * high:.0f}% of the `{split}` chunks share more than half a chunk verbatim with the "
+               f"neighbours RETRO reads for them (high overlap) and {100 * some:.0f}% share more than 1/8 of "
+               "a chunk")  # fmt: skip
+    if high >= 0.2:
+        case = ("the database holds closely related, partly verbatim text for many held-out chunks, so large "
+                "RETRO gains are possible and part of any gain is copying")  # fmt: skip
+    elif some >= 0.2:
+        case = (
+            "the database holds related text (shared phrases) for a fair share of held-out chunks, "
+            "but few long verbatim matches, so only moderate RETRO gains are expected"
+        )
+    else:
+        case = ("the database holds little text related to the held-out chunks (the nearly leak-free case), "
+                "so only small RETRO gains are expected")  # fmt: skip
+    return f"**How much related text the database holds:** {numbers}: {case}."
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def _ema(values: list[float]) -> np.ndarray:
+    """Bias-corrected exponential moving average, span ~ 1/25 of the points."""
+    window = max(1, len(values) // 25)
+    beta = 1 - 2 / (window + 1)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i) if beta > 0 else v)
+    return np.asarray(out)
+
+
+STYLE = {"GPT": ("tab:blue", "-", "o"), "RAG_GPT": ("tab:cyan", ":", "v"), "RETRO": ("tab:red", "--", "s"),
+         "RETRO-off": ("tab:orange", "-.", "^"), "RETRO-shuffled": ("tab:purple", (0, (1, 1)), "D")}  # fmt: skip
+
+
+def plot_curves(seed_runs: list[dict[str, Path]], points: dict[str, tuple[float, float]], split: str,
+                path: Path) -> Path | None:  # fmt: skip
+    """PNG: smoothed training loss of GPT and RETRO against tokens, held-out loss at the end.
+
+    `seed_runs[s]` maps GPT / RETRO to seed s's run directory (seed 0 drawn bold);
+    `points[name]` = (tokens, held-out loss in nats/token) of seed 0's final checkpoint.
+    """
+    import matplotlib
+
+    from retrolm.training.monitor import read_metrics
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for s, runs in enumerate(seed_runs):
+        for name, run_dir in runs.items():
+            records = read_metrics(run_dir)
+            if not records:
+                continue
+            colour, style, marker = STYLE[name]
+            x, y = [r["tokens"] for r in records], [r["loss"] for r in records]
+            if s == 0:
+                ax.plot(x, y, color=colour, alpha=0.2, linewidth=0.8)
+                ax.plot(
+                    x,
+                    _ema(y),
+                    color=colour,
+                    linestyle=style,
+                    linewidth=2,
+                    label=f"{name} train loss (smoothed)",
+                )
+                if name in points:
+                    ax.plot(
+                        *points[name],
+                        marker=marker,
+                        color=colour,
+                        markersize=9,
+                        linestyle="none",
+                        markeredgecolor="black",
+                        label=f"{name} held-out {split} loss (final)",
+                    )
+            else:
+                ax.plot(x, _ema(y), color=colour, linestyle=style, linewidth=1, alpha=0.5,
+                        label=f"{name} other seeds" if s == 1 else None)  # fmt: skip
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("GPT vs RETRO: same decoder start, same sequences, same tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _alpha_label(alpha: float) -> str:
+    return {0.0: "0", 0.125: "1/8", 0.25: "1/4", 0.5: "1/2", 1.0: "1"}.get(
+        round(alpha, 4), f"{alpha:g}"
     )
 
 
-def related_text_sentence(result: dict[str, Any]) -> str:
-    """SPEC §2: say whether the database really contains text related to the held-out chunks."""
-    buckets = result["rows"][0]["buckets"]
-    by_alpha = {round(b["alpha"], 4): b for b in buckets}
-    low = by_alpha[0.125]["share"]  # at most m/8 contiguous tokens shared with a neighbour
-    high = 1.0 - by_alpha[0.5]["share"]  # more than half a chunk copied verbatim
-    m_note = f"{100 * (1 - low):.0f}% of held-out chunks share more than 1/8 of a chunk verbatim with a neighbour " \
-             f"and {100 * high:.0f}% share more than half a chunk"
-    if high >= 0.2:
-        case = "the database DOES contain closely related (partly verbatim) text for many held-out chunks, " \
-               "so large RETRO gains are expected and part of them is copying"
-    elif 1 - low >= 0.2:
-        case = "the database contains related text (shared phrases) for a fair share of held-out chunks, " \
-               "but few long verbatim overlaps"
+def plot_buckets(split_table: dict[str, Any], split: str, path: Path) -> Path | None:
+    """PNG: bits per byte over the held-out chunks with overlap r <= alpha, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = split_table["rows"]
+    if not rows:
+        return None
+    buckets = next(iter(rows.values()))["buckets"]
+    x = np.arange(len(buckets))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, row in rows.items():
+        colour, style, marker = STYLE[name]
+        ax.plot(x, [b["bpb"] for b in row["buckets"]], color=colour, linestyle=style, marker=marker,
+                linewidth=1.5, label=name)  # fmt: skip
+    ax.set_xticks(x, [f"r <= {_alpha_label(b['alpha'])}\n{b['n_chunks']} chunks ({100 * b['share']:.0f}%)"
+                      for b in buckets])  # fmt: skip
+    ax.set_xlabel("held-out chunks whose overlap r with their neighbours is at most ...")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(f"Held-out {split} chunks: bits per byte by overlap bucket")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _plan(out: Path, key: dict[str, Any], make: Any) -> dict[str, Any]:
+    """The stored plan when its key matches; a new one otherwise (refused over other runs)."""
+    path = out / "plan.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        if plan.get("key") == key:
+            return plan
+        if any(p.is_dir() for p in out.glob("gpt*")) or any(p.is_dir() for p in out.glob("retro*")):
+            raise RetrolmError(
+                f"{out} holds a demo run made with other settings ({path}); use the same settings or a new --out"
+            )
+    plan = {"key": key, **make()}
+    write_json(path, plan)
+    return plan
+
+
+def _code_version() -> str:
+    """sha256 over the evaluation and generation code: a change there invalidates the eval cache."""
+    import retrolm
+
+    root = Path(retrolm.__file__).parent
+    digest = hashlib.sha256()
+    for rel in (
+        "evaluate.py",
+        "metrics.py",
+        "generate.py",
+        "generation/sampling.py",
+        "generation/retrieval.py",
+    ):
+        if (root / rel).is_file():
+            digest.update((root / rel).read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_settings(tiny: bool, corpus: str | None = None, retriever: str | None = None,
+                     tokens: int | None = None, train_overrides: dict[str, Any] | None = None,
+                     model_overrides: dict[str, Any] | None = None) -> DemoSettings:  # fmt: skip
+    """`FULL` or `TINY` with the caller's changes."""
+    base = TINY if tiny else FULL
+    return replace(
+        base,
+        corpus=corpus or base.corpus,
+        retriever=retriever or base.retriever,
+        tokens=int(tokens) if tokens is not None else base.tokens,
+        train={**base.train, **(train_overrides or {})},
+        overrides={**base.overrides, **(model_overrides or {})},
+    )
+
+
+def run_demo(
+    corpus: str | None = None,
+    out: str | Path = "runs/demo",
+    minutes: float | None = None,
+    tiny: bool = False,
+    retriever: str | None = None,
+    progress: bool = True,
+    train_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    tokens: int | None = None,
+    seeds: int = 1,
+) -> dict[str, Any]:
+    """Run the whole demo into `out`; return the results (also in `<out>/results.json`).
+
+    Default budget: `DemoSettings.tokens` training tokens per run (`tokens` changes it),
+    so the numbers do not depend on the machine's load. `minutes` plans the time instead.
+    `seeds` repeats the GPT/RETRO pair with seeds 0..seeds-1 on the same database.
+    `train_overrides` / `model_overrides` change TrainConfig / model config fields (for
+    experiments; they are part of the stored plan).
+    """
+    from retrolm.db.database import RetrievalDB
+    from retrolm.evaluate import evaluate
+    from retrolm.model.config import RetroConfig
+
+    t0 = time.time()
+    if minutes is not None and tokens is not None:
+        raise RetrolmError("give --tokens or --minutes, not both")
+    if minutes is not None and minutes <= 0:
+        raise RetrolmError(f"--minutes must be > 0, got {minutes}")
+    if tokens is not None and tokens <= 0:
+        raise RetrolmError(f"--tokens must be > 0, got {tokens}")
+    if seeds < 1:
+        raise RetrolmError(f"--seeds must be >= 1, got {seeds}")
+    st = resolve_settings(tiny, corpus, retriever, tokens, train_overrides, model_overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = {k: v for k, v in timings.items() if k in ("database_s", "train_s", "eval_s", "samples_s",
+                                                         "first_run_s")}  # fmt: skip
+    timings.setdefault("train_s", {})
+    timings.setdefault("eval_s", {})
+    now: dict[str, bool] = {}  # stage -> ran in this invocation
+
+    # 1. database
+    spec = (
+        write_slice(st.corpus, out / "corpus-slice.jsonl", st.corpus_docs)
+        if st.corpus_docs
+        else st.corpus
+    )
+    db_dir = out / "db"
+    manifest = db_dir / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    t = time.time()
+    log(f"database {db_dir} ({st.retriever} retriever, corpus {spec})")
+    db = RetrievalDB.build(spec, db_dir, progress=progress, retriever=st.retriever,
+                           **{**st.db, "split": tuple(st.db["split"])})  # fmt: skip
+    db_reused = before is not None and manifest.stat().st_mtime_ns == before
+    log(
+        "reusing the complete database"
+        if db_reused
+        else f"database built in {time.time() - t:.0f} s"
+    )
+    if not db_reused:
+        timings["database_s"] = round(time.time() - t, 1)
+    now["database"] = not db_reused
+
+    # 2. plan (stored: a re-run keeps it)
+    config = RetroConfig.from_name(
+        st.model, vocab_size=db.vocab_size, chunk_size=db.chunk_size, **st.overrides
+    )
+    budget_key = {"minutes": minutes} if minutes is not None else {"tokens": st.tokens}
+    key = {"corpus": st.corpus, "corpus_docs": st.corpus_docs, "retriever": st.retriever,
+           "db": {**st.db, "split": list(st.db["split"])}, "model": config.to_dict(), "train": st.train,
+           "budget": budget_key}  # fmt: skip
+
+    def make() -> dict[str, Any]:
+        if minutes is None:
+            return {"gpt_budget": {"tokens": st.tokens}}
+        left = minutes - (time.time() - t0) / 60 - st.eval_reserve_minutes
+        gpt_minutes = max(0.5, left / seeds / (1 + RETRO_TIME_RATIO))
+        if gpt_minutes == 0.5:
+            log(
+                f"only {max(left, 0):.1f} min left after the database: training each GPT for 0.5 min anyway"
+            )
+        return {"gpt_budget": {"minutes": round(gpt_minutes, 3)}}
+
+    plan = _plan(out, key, make)
+
+    # 3. training: per seed a GPT and a RETRO on the same tokens (the seed-0 GPT's count)
+    seed_runs = [run_dirs(out, s) for s in range(seeds)]
+    states: list[dict[str, dict[str, Any]]] = []
+    budget = dict(plan["gpt_budget"])
+    for s, runs in enumerate(seed_runs):
+        settings = {**st.train, "seed": s}
+        states.append({})
+        for name in ("GPT", "RETRO"):
+            t = time.time()
+            state, ran = _train(
+                db_dir, config, runs[name], settings, name == "RETRO", budget, progress
+            )
+            states[s][name] = state
+            label = f"{name} seed {s}"
+            if ran:
+                timings["train_s"][label] = round(time.time() - t, 1)
+            now[f"train {label}"] = ran
+            budget = {
+                "tokens": int(states[0]["GPT"]["tokens_seen"])
+            }  # everything after: the same tokens
+        write_json(timings_path, timings)
+
+    # 4. evaluation of every seed on the held-out splits (the first is the headline), cached
+    # in <out>/eval_cache.json under the checkpoints' weights and the evaluation code
+    cache_path = out / "eval_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if "entries" not in cache:
+        cache = {"entries": {}}
+    k = int(st.train["k"])
+    common = {"k": k, "splits": list(st.eval_splits), "code": _code_version(),
+              "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
+    per_seed: list[dict[str, Any]] = []
+    for s, runs in enumerate(seed_runs):
+        finals = [runs["GPT"] / "final", runs["RETRO"] / "final"]
+        entry_key = {**common, "weights": [sha256_file(f / "model.safetensors") for f in finals]}
+        entry = cache["entries"].get(f"seed {s}")
+        if entry is not None and entry.get("key") == entry_key:
+            log(f"reusing the evaluation of the seed-{s} checkpoints (eval_cache.json)")
+            now[f"eval seed {s}"] = False
+        else:
+            t = time.time()
+            entry = {
+                "key": entry_key,
+                "eval": {sp: evaluate(db, finals, split=sp, k=k) for sp in st.eval_splits},
+            }
+            cache["entries"][f"seed {s}"] = entry
+            write_json(cache_path, cache)
+            timings["eval_s"][f"seed {s}"] = round(time.time() - t, 1)
+            now[f"eval seed {s}"] = True
+        per_seed.append(entry["eval"])
+
+    # 5. one sampled continuation per model (seed 0), cached the same way
+    headline = st.eval_splits[0]
+    sample_key = {
+        **common,
+        "weights": cache["entries"]["seed 0"]["key"]["weights"],
+        "sample": asdict(st.sample),
+    }
+    if cache.get("samples", {}).get("key") == sample_key:
+        samples = cache["samples"]["samples"]
+        now["samples"] = False
     else:
-        case = "the database contains little text related to the held-out chunks (the leak-free case), " \
-               "so only small RETRO gains are expected"
-    return f"In this run {case}: {m_note}."
+        t = time.time()
+        samples = sample_generations(db, seed_runs[0], headline, st.sample, k)
+        cache["samples"] = {"key": sample_key, "samples": samples}
+        write_json(cache_path, cache)
+        timings["samples_s"] = round(time.time() - t, 1)
+        now["samples"] = True
+
+    # 6. numbers, plots, leakage checks, report
+    table = comparison(per_seed)
+    curve_split = "valid" if "valid" in per_seed[0] else headline
+    points = {}
+    from retrolm.evaluate import find_row
+
+    for name in ("GPT", "RETRO"):
+        row = find_row(per_seed[0][curve_split], name)
+        if row:
+            points[name] = (float(states[0][name]["tokens_seen"]), float(row["loss"]))
+    curves = plot_curves(seed_runs, points, curve_split, out / "loss_curves.png")
+    buckets_png = plot_buckets(table[headline], headline, out / "overlap_bpb.png")
+    wall = time.time() - t0
+    if not db_reused and "first_run_s" not in timings:
+        timings["first_run_s"] = round(wall, 1)
+    timings["last_invocation_s"] = round(wall, 1)
+    write_json(timings_path, timings)
+    summary = {
+        "corpus": st.corpus,
+        "tiny": tiny,
+        "settings": {**asdict(st), "db": {**st.db, "split": list(st.db["split"])},
+                     "eval_splits": list(st.eval_splits)},
+        "db_reused": db_reused,
+        "plan": plan,
+        "seeds": seeds,
+        "runs": {f"{name} seed {s}": _run_stats(seed_runs[s][name], states[s][name])
+                 for s in range(seeds) for name in ("GPT", "RETRO")},
+        "eval": per_seed[0],
+        "eval_per_seed": per_seed,
+        "headline_split": headline,
+        "comparison": table,
+        "leakage": leakage_controls(db),
+        "training_signal": training_signal(db, int(st.train["seq_len"]), k),
+        "samples": samples,
+        "loss_curves": curves.name if curves else None,
+        "overlap_plot": buckets_png.name if buckets_png else None,
+        "timings": timings,
+        "this_invocation": now,
+    }  # fmt: skip
+    summary["verdict"] = verdict(summary)
+    write_json(out / "results.json", summary)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(render_report(summary), encoding="utf-8")
+    log(f"report: {out / 'report.md'} ({wall:.0f} s this run)")
+    return summary
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def _num(stat: dict[str, Any] | None, digits: int) -> str:
+    """A per-seed spread as `mean` (one seed) or `mean (min-max)`."""
+    if stat is None:
+        return "n/a"
+    if len(stat["values"]) == 1:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
+
+
+RATIO_MEANING = {
+    "RETRO/GPT": "below 1: RETRO predicts better than a GPT trained on the same tokens",
+    "RETRO/RETRO-off": "below 1: the trained RETRO gets something out of its neighbours",
+    "RETRO-shuffled/RETRO": "above 1: what the neighbours say matters, not just that some text is there",
+}
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """The headline tables: ppl and bpb of every model per split, then the three ratios."""
+    table, splits = summary["comparison"], list(summary["comparison"])
+    n = summary["seeds"]
+    note = f"mean over {n} seeds (min-max)" if n > 1 else "one seed"
+    head = summary["headline_split"]
+    names = [f"{sp} (headline)" if sp == head else sp for sp in splits]
+    lines = [f"Held-out perplexity (ppl) and bits per byte (bpb), lower is better; {note}.", "",
+             "| model | " + " | ".join(f"{nm} ppl | {nm} bpb" for nm in names) + " |",
+             "|---|" + "---|---|" * len(splits)]  # fmt: skip
+    for model in MODELS:
+        cells = []
+        for sp in splits:
+            row = table[sp]["rows"].get(model)
+            cells += [_num(row["ppl"], 2), _num(row["bpb"], 3)] if row else ["n/a", "n/a"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| perplexity ratio | " + " | ".join(names) + " | reading |",
+              "|---|" + "---|" * len(splits) + "---|"]  # fmt: skip
+    for a, b in RATIOS:
+        key = f"{a}/{b}"
+        cells = [_num(table[sp]["ratios"].get(key), 3) for sp in splits]
+        lines.append(f"| {a} / {b} | " + " | ".join(cells) + f" | {RATIO_MEANING[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fence(text: str) -> str:
+    run, longest = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def code_block(text: str) -> list[str]:
+    """A fenced text block that shows `text` verbatim (newlines kept, tabs as spaces)."""
+    text = text.replace("\r", "").replace("\t", "    ")
+    fence = _fence(text)
+    return [fence + "text", *text.split("\n"), fence]
+
+
+def quote_block(text: str) -> list[str]:
+    """`text` verbatim inside a Markdown quote."""
+    return [("> " + line).rstrip() for line in code_block(text)]
+
+
+GLOSSARY = [
+    ("GPT", "the decoder alone, trained on the database's training documents without retrieval."),
+    ("RAG_GPT", "the same GPT checkpoint with the text of the top neighbour (its chunk and continuation, "
+                "then an end-of-document token) pasted before its context; no extra training."),
+    ("RETRO", "the same decoder plus a neighbour encoder and chunked cross-attention, trained on the same "
+              "sequences with k neighbours per chunk, evaluated with its neighbours."),
+    ("RETRO-off", "the RETRO checkpoint evaluated with retrieval switched off (cross-attention skipped): "
+                  "what its decoder predicts without any neighbours."),
+    ("RETRO-shuffled", "the RETRO checkpoint fed the neighbours of another held-out sequence: real database "
+                       "text of the right shape that is unrelated to what it predicts."),
+    ("ppl", "perplexity, exp of the mean negative log-likelihood per token (lower is better)."),
+    ("bpb", "bits per UTF-8 byte of text: the same loss, independent of the tokenizer."),
+    ("held-out splits", "`valid` and `test` are whole documents that never enter the database; `valid` was "
+                        "used to choose settings, `test` is the headline."),
+    ("overlap r", "for a held-out chunk of m tokens, the longest run of tokens it shares verbatim with the "
+                  "neighbours RETRO reads while predicting it, divided by m (1 = the whole chunk is in a "
+                  "neighbour)."),
+    ("overlap bucket", "the held-out chunks whose overlap r is at most alpha; bpb over a low bucket measures "
+                       "prediction where there was nothing to copy."),
+    ("seed", "one seed fixes the decoder's starting weights and the order of the training sequences; GPT "
+             "and RETRO of one seed share both."),
+]  # fmt: skip
+
+
+def _settings_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    st = s["settings"]
+    db, tr, sm = st["db"], st["train"], st["sample"]
+    retr = {"dense": "dense (MiniLM sentence embeddings, FAISS search)", "bm25": "BM25 (lexical)"}
+    over = ", ".join(f"{k} = {v}" for k, v in st["overrides"].items()) or "none"
+    run = s["runs"]["GPT seed 0"]
+    budget = s["plan"]["gpt_budget"]
+    how = (f"fixed at {budget['tokens']:,} training tokens per run" if "tokens" in budget else
+           f"time-planned: the seed-0 GPT trained for {budget['minutes']} minutes, every other run on its "
+           "token count")  # fmt: skip
+    split = db["split"]
+    return [
+        ("corpus", f"`{st['corpus']}`" + (f", every k-th document, {st['corpus_docs']} at most"
+                                           if st["corpus_docs"] else "")),
+        ("retriever", retr.get(st["retriever"], st["retriever"])),
+        ("database", f"chunks of m = {db['chunk_size']} tokens, BPE vocabulary {db['vocab_size']}, "
+                     f"{db['neighbors']} neighbours stored per chunk, documents split {split[0]}/{split[1]}/"
+                     f"{split[2]} (train/valid/test) by a hash of their id"),
+        ("model", f"preset `{st['model']}` for both runs (changed fields: {over}); the GPT is the same model "
+                  "without the encoder and cross-attention"),
+        ("training", f"{tr['seq_len']}-token sequences, batch {tr['batch_size']}, peak learning rate {tr['lr']:g} "
+                     f"after {tr['warmup_steps']} warm-up steps, cosine decay to {tr['min_lr_ratio']:g} of it, "
+                     f"bf16 autocast {'on' if tr['bf16'] else 'off'}, k = {tr['k']} neighbours per chunk"),
+        ("budget", f"{how}: {run['tokens']:,} tokens = {run['steps']} steps, the same for GPT and RETRO, "
+                   "same sequences in the same order"),
+        ("seeds", f"{s['seeds']} (seeds 0 to {s['seeds'] - 1}), one database" if s["seeds"] > 1 else "1 (seed 0)"),
+        ("samples", f"nucleus sampling p = {sm['top_p']}, temperature {sm['temperature']}, repetition penalty "
+                    f"{sm['repetition_penalty']}, sampling seed {sm['seed']}; {sm['new_tokens']} new tokens "
+                    f"after a {sm['prompt_tokens']}-token prompt"),
+    ]  # fmt: skip
+
+
+def _bucket_table(split_table: dict[str, Any]) -> list[str]:
+    rows = split_table["rows"]
+    names = list(rows)
+    buckets = next(iter(rows.values()))["buckets"]
+    lines = ["| overlap r at most | chunks (share) | " + " | ".join(f"{nm} bpb" for nm in names) + " |",
+             "|---|---|" + "---|" * len(names)]  # fmt: skip
+    for i, b in enumerate(buckets):
+        cells = " | ".join("n/a" if math.isnan(rows[nm]["buckets"][i]["bpb"]) else
+                           f"{rows[nm]['buckets'][i]['bpb']:.3f}" for nm in names)  # fmt: skip
+        lines.append(
+            f"| {_alpha_label(b['alpha'])} | {b['n_chunks']} ({100 * b['share']:.1f}%) | {cells} |"
+        )
+    return lines
+
+
+def _wall_rows(s: dict[str, Any]) -> list[str]:
+    t, now = s["timings"], s["this_invocation"]
+
+    def fmt(sec: Any) -> str:
+        return "n/a" if sec is None else f"{sec:,.1f} s"
+
+    def state(key: str) -> str:
+        return "ran" if now.get(key) else "reused"
+
+    lines = ["| stage | wall time | tokens/s | this invocation |", "|---|---|---|---|",
+             f"| database | {fmt(t.get('database_s'))} | | {state('database')} |"]  # fmt: skip
+    for label, run in s["runs"].items():
+        wall = t["train_s"].get(label, run["seconds"])
+        rate = f"{run['tokens_per_s']:,.0f}" if run["tokens_per_s"] else "n/a"
+        lines.append(f"| {label} training ({run['tokens']:,} tokens) | {fmt(wall)} | {rate} | "
+                     f"{state('train ' + label)} |")  # fmt: skip
+    for seed in range(s["seeds"]):
+        splits = " and ".join(s["settings"]["eval_splits"])
+        lines.append(f"| evaluation, seed {seed} ({splits}) | {fmt(t['eval_s'].get(f'seed {seed}'))} | | "
+                     f"{state(f'eval seed {seed}')} |")  # fmt: skip
+    lines.append(f"| samples | {fmt(t.get('samples_s'))} | | {state('samples')} |")
+    lines.append(f"| this invocation, all stages | {fmt(t['last_invocation_s'])} | | |")
+    if "first_run_s" in t:
+        lines.append(f"| first complete run | {fmt(t['first_run_s'])} | | |")
+    return lines
 
 
 def render_report(s: dict[str, Any]) -> str:
     """`<out>/report.md` from the demo summary."""
-    from retrolm.evaluate import to_markdown
-
-    head = s["comparison"][s["headline_split"]]
-    target = "meets" if head["ratio"] <= 0.85 else "MISSES"
-    g, r = s["runs"]["GPT"], s["runs"]["RETRO"]
+    head = s["headline_split"]
     lk = s["leakage"]
-    t = s["timings"]
+    k = s["settings"]["train"]["k"]
     lines = [
         "# retrolm demo report",
         "",
-        f"Corpus `{s['corpus']}`{' (--tiny slice)' if s['tiny'] else ''}, database `{s['database']}` "
-        f"({s['retriever']} retriever), model preset `{s['model']}` for both runs "
-        f"(overrides: {s['model_overrides'] or 'none'}).",
+        f"GPT vs RETRO on `{s['corpus']}`{' (--tiny)' if s['tiny'] else ''}: the same decoder trained on the "
+        f"same token sequences, evaluated on held-out documents that are not in the retrieval database. "
+        f"Differences under {100 * MIN_EFFECT:.0f}% perplexity are treated as noise"
+        + (f"; {s['seeds']} seeds, numbers are the mean with the min-max range." if s["seeds"] > 1 else
+           "; one seed (`--seeds N` repeats the pair to show the spread).") ,
         "",
-        f"**RETRO/GPT perplexity on the held-out `{s['headline_split']}` split: {head['ratio']:.3f}** "
-        f"(GPT {head['GPT']:.2f}, RETRO {head['RETRO']:.2f}); this {target} the target ratio <= 0.85. "
-        "Both held-out splits hold only documents that are not in the database; `valid` was used to "
-        "choose the training settings, `test` is the headline (--tiny evaluates `test` only).",
+        s["verdict"],
         "",
-        "## Comparison",
+        corpus_case(s),
+        "",
+        "## Headline",
         "",
         comparison_markdown(s),
-        "Same decoder, same training sequences in the same order, same LR schedule and the same number of "
-        f"tokens ({g['tokens']}); RETRO uses k = {s['train_settings']['k']} neighbours (chunk + continuation) "
-        "in training and evaluation. RETRO-off is the RETRO checkpoint with retrieval switched off; "
-        "RAG_GPT is the GPT checkpoint with the top-1 neighbour's text (neighbour chunk + continuation, "
-        "then EOS) placed before each chunk's context (docs/evaluation.md).",
+        "## What the terms mean",
         "",
-        "## Does the database contain related text?",
+        *[f"- **{term}**: {text}" for term, text in GLOSSARY],
         "",
-        related_text_sentence(s["eval"][s["headline_split"]]),
-        "",
-        *([training_signal_sentence(s["training_signal"]), ""] if s.get("training_signal") else []),
-        "## Overlap buckets and per-split details",
-        "",
-    ]
-    for split in ("test", "valid"):
-        if split in s["eval"]:
-            lines += [f"### {split}", "", to_markdown(s["eval"][split])]
-    lines += [
-        "## Leakage controls in force (checked on the built database)",
-        "",
-        f"- Held-out documents are never in the database: valid {lk['held_out_docs'].get('valid', 0)} and "
-        f"test {lk['held_out_docs'].get('test', 0)} documents; documents found in both a held-out split and "
-        f"the database: {lk['held_out_docs_in_database']}.",
-        f"- Exact-duplicate documents removed before splitting: {lk['exact_duplicates_removed']}; near-duplicate "
-        f"(MinHash) removal {'on, removed ' + str(lk['near_duplicates_removed']) if lk['near_dedup'] else 'off'} "
-        "(the overlap buckets above show how much held-out text still has close matches).",
-        f"- Same-document neighbours removed: stored neighbours of the {lk['train_windows']} train windows "
-        f"that come from a document the window overlaps: {lk['same_document_neighbours_stored']}; during "
-        "training the dataset also drops any neighbour whose document appears anywhere in the sequence "
-        "(Megatron's rule).",
-        "",
-        "## Training runs",
-        "",
-        "| run | steps | tokens | seconds | tokens/s | median step tokens/s | final train loss |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, run in (("GPT", g), ("RETRO", r)):
-        loss = f"{run['final_loss']:.3f}" if run["final_loss"] is not None else "n/a"
-        lines.append(f"| {name} | {run['steps']} | {run['tokens']} | {run['seconds']} | {run['tokens_per_s']} | "
-                     f"{run['median_step_tokens_per_s']} | {loss} |")
-    ts = s["train_settings"]
-    lines += [
-        "",
-        f"Settings: seq_len {ts['seq_len']}, batch {ts['batch_size']}, peak LR {ts['lr']}, warm-up "
-        f"{ts['warmup_steps']} steps then cosine to {ts['min_lr_ratio']}x, bf16 autocast {ts['bf16']}, "
-        f"seed {ts['seed']}. Budget: GPT {s['plan']['gpt_budget']}, RETRO the GPT's token count.",
-        "",
-    ]
-    if s["loss_curves"]:
+    ]  # fmt: skip
+    if s.get("overlap_plot"):
+        lines += ["## Bits per byte by overlap", "",
+                  f"![bits per byte by overlap bucket]({s['overlap_plot']})", "",
+                  f"Held-out `{head}` chunks, cumulative buckets (each includes the ones to its left; the last is "
+                  "all chunks). If retrieval is used, RETRO's line falls below RETRO-off and GPT where overlap "
+                  "is high; on the low buckets nothing could be copied.", "",
+                  *_bucket_table(s["comparison"][head]), ""]  # fmt: skip
+    if s.get("loss_curves"):
         lines += ["## Loss curves", "", f"![training loss]({s['loss_curves']})", "",
-                  "Per run: `gpt/loss.png`, `retro/loss.png`, metrics in `*/metrics.jsonl`.", ""]
-    sm = s["samples"]
-    lines += [
+                  "Training loss per step (faint) and its moving average (bold) against training tokens; the "
+                  "large markers are each model's held-out loss at the end of training (training itself logs no "
+                  "validation loss). Per-run metrics: `gpt/metrics.jsonl`, `retro/metrics.jsonl`.", ""]  # fmt: skip
+    lines += _samples_section(s)
+    lines += ["## Leakage controls (checked on the built database)", ""] + _leakage_lines(lk)
+    sig = s.get("training_signal")
+    if sig:
+        lines += [
+            f"How often training rewarded reading the neighbours: {100 * sig['share_over_half']:.1f}% of the first "
+            f"{sig['chunks']} training chunks share more than half a chunk verbatim with their neighbours and "
+            f"{100 * sig['share_at_most_eighth']:.0f}% share at most 1/8 (RETRO learns to copy only if enough "
+            "training chunks can be copied).",
+            "",
+        ]
+    lines += ["## Settings", "", "| setting | value |", "|---|---|",
+              *[f"| {a} | {b} |" for a, b in _settings_rows(s)], "",
+              "## Wall time and speed", "", *_wall_rows(s), "",
+              f"RETRO reads k = {k} neighbours per chunk in training, evaluation and sampling. Wall times vary "
+              "with the machine's load; the numbers above do not (fixed token budget, fixed seeds). A re-run "
+              "into the same directory reuses the database, the checkpoints and the evaluation.", "",
+              "More: `docs/evaluation.md` in the retrolm repository explains each measurement; `results.json` "
+              "(in this directory) holds every number of this report.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _leakage_lines(lk: dict[str, Any]) -> list[str]:
+    held = lk["held_out_docs"]
+    near = (
+        f"on, {lk['near_duplicates_removed']} removed"
+        if lk["near_dedup"]
+        else "off in this run (the overlap buckets show how much held-out text still has close matches)"
+    )
+    return [
+        f"- **Held-out documents kept out of the database**: valid and test documents are chosen by a hash of "
+        f"their id and never chunked into the database, so no model can retrieve the text it is scored on "
+        f"(valid {held.get('valid', 0)}, test {held.get('test', 0)} documents; found in the database: "
+        f"**{lk['held_out_docs_in_database']}**).",
+        f"- **Exact duplicates removed**: identical documents are dropped before the split, so a held-out "
+        f"document has no verbatim copy in the database ({lk['exact_duplicates_removed']} removed).",
+        f"- **Near-duplicate removal** (MinHash): drops documents that are almost identical to another one: "
+        f"{near}.",
+        f"- **Same-document neighbours removed**: a training chunk's stored neighbours never come from a "
+        f"document that chunk is part of, so RETRO cannot learn to copy its own document (checked over "
+        f"{lk['train_windows']} training chunks: **{lk['same_document_neighbours_stored']}** found).",
+        "- **Whole-sequence exclusion in training**: a neighbour is also dropped when its document appears "
+        "anywhere in the training sequence being predicted.",
+        "",
+    ]  # fmt: skip
+
+
+def _samples_section(s: dict[str, Any]) -> list[str]:
+    sm, st = s["samples"], s["settings"]["sample"]
+    lines = [
         "## One sample from each model",
         "",
-        f"Prompt (opening of the first long enough `{sm['split']}` document, {sm.get('method', 'greedy')}):",
-        "", "```text", sm["prompt"], "```", "", "Reference continuation:", "", "```text", sm["reference"], "```", "",
-    ]  # fmt: skip
-    for name, text in sm["samples"].items():
-        lines += [f"{name}:", "", "```text", text, "```", ""]
-    lines += [
-        "## Wall time",
+        f"Each model continues the opening of the first long enough `{sm['split']}` document (held out: not in "
+        f"the database) with nucleus sampling (p = {st['top_p']}, temperature {st['temperature']}, repetition "
+        f"penalty {st['repetition_penalty']}, the same sampling seed {st['seed']} for every model).",
         "",
-        f"- database: {t.get('db_seconds', 'n/a')} s; GPT training: {t.get('gpt_seconds', 'n/a')} s; RETRO "
-        f"training: {t.get('retro_seconds', 'n/a')} s; evaluation and samples: {t.get('eval_seconds', 'n/a')} s.",
-        f"- this invocation: {t['last_invocation_seconds']} s"
-        + (f"; first complete run: {t['first_run_seconds']} s" if "first_run_seconds" in t else "")
-        + (" (database and checkpoints reused)" if s["db_reused"] else "") + ".",
+        "Prompt:",
+        "",
+        *code_block(sm["prompt"]),
+        "",
+        "What the document really says next:",
+        "",
+        *code_block(sm["reference"]),
         "",
     ]
-    return "\n".join(lines)
+    for name, entry in sm["samples"].items():
+        lines += [f"### {name}", "", *code_block(entry["text"]), ""]
+        if "chunks" not in entry:
+            continue
+        lines += ["What RETRO read, chunk by chunk: while writing chunk u (m tokens) it reads the neighbours "
+                  "retrieved with chunk u-1; chunks made only of prompt are left out.", ""]  # fmt: skip
+        for ch in entry["chunks"]:
+            part = (
+                f"{ch['prompt_tokens']} prompt tokens, then generated"
+                if ch["prompt_tokens"]
+                else "generated"
+            )
+            lines += [f"**Chunk {ch['chunk']}** ({part}):", "", *code_block(ch["text"]), ""]
+            if not ch["read"]:
+                lines += ["No neighbour was retrieved for the previous chunk.", ""]
+            for j, nb in enumerate(ch["read"], 1):
+                lines += [f"Neighbour {j} of {len(ch['read'])} it read (document `{nb['doc_id']}`, score "
+                          f"{nb['score']:.3f}; neighbour chunk and its continuation):", "",
+                          *quote_block(nb["text"]), ""]  # fmt: skip
+    return lines
