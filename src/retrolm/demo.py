@@ -1021,8 +1021,10 @@ def render_report(s: dict[str, Any]) -> str:
               *[f"| {a} | {b} |" for a, b in _settings_rows(s)], "",
               "## Wall time and speed", "", *_wall_rows(s), "",
               f"RETRO reads k = {k} neighbours per chunk in training, evaluation and sampling. Wall times vary "
-              "with the machine's load; the numbers above do not (fixed token budget, fixed seeds). A re-run "
-              "into the same directory reuses the database, the checkpoints and the evaluation.", "",
+              "with the machine's load; " + ("the numbers above do not (fixed token budget, fixed seeds). "
+              if "tokens" in s["plan"]["gpt_budget"] else "so do the numbers above, because this run's "
+              "budget was planned in minutes (the token count is what the seed-0 GPT reached in that time). ")
+              + "A re-run into the same directory reuses the database, the checkpoints and the evaluation.", "",
               "More: `docs/evaluation.md` in the retrolm repository explains each measurement; `results.json` "
               "(in this directory) holds every number of this report.", ""]  # fmt: skip
     return "\n".join(lines)
