@@ -2,7 +2,9 @@
 
 A corpus spec is a directory of .txt/.md files, a .jsonl(.gz) file, a .parquet file or
 `builtin:NAME`. Every document gets a stable id so the split (a hash of the id) never
-moves between runs or machines.
+moves between runs or machines. A built-in corpus module exposes `documents()` and, when
+its content depends on what is installed, `sources() -> {name: version}`, which the
+database build records in manifest.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from retrolm.errors import RetrolmError
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".md")
+BUILTINS_HINT = "try builtin:pydocs, builtin:pkgdocs or builtin:facts"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class ReadStats:
     exact_dups: int = 0
     near_dups: int = 0
     skipped_files: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # what a built-in corpus was read from
 
 
 def _decode(raw: bytes, name: str, stats: ReadStats) -> str | None:
@@ -118,12 +122,14 @@ def read_corpus(spec: str, text_field: str = "text") -> tuple[list[Document], Re
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-            raise RetrolmError(f"unknown built-in corpus {spec!r}; try builtin:pydocs or builtin:facts")
+            raise RetrolmError(f"unknown built-in corpus {spec!r}; {BUILTINS_HINT}")
         try:
             module = importlib.import_module(f"retrolm.corpora.{name}")
         except ModuleNotFoundError:
-            raise RetrolmError(f"unknown built-in corpus {spec!r}; try builtin:pydocs or builtin:facts") from None
+            raise RetrolmError(f"unknown built-in corpus {spec!r}; {BUILTINS_HINT}") from None
         docs = list(module.documents())
+        if hasattr(module, "sources"):
+            stats.sources = {str(k): str(v) for k, v in module.sources().items()}
     else:
         path = Path(spec).expanduser()
         if not path.exists():

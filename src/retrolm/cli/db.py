@@ -96,6 +96,8 @@ def _print_info(data: dict, seconds: float | None) -> None:
     typer.echo(f"database {data['path']}")
     typer.echo(f"  documents read {d['read']}, exact duplicates removed {d['exact_dups']}, "
                f"near duplicates removed {d['near_dups']}, binary skipped {d['skipped_binary']}")
+    if data.get("sources"):
+        typer.echo("  sources " + ", ".join(f"{k} {v}" for k, v in data["sources"].items()))
     for s, v in c.items():
         extra = f", chunks {v['chunks']}" if "chunks" in v else ""
         typer.echo(f"  {s:5s}: docs {v['docs']}, tokens {v['tokens']}, query windows {v['windows']}{extra}")

@@ -8,6 +8,7 @@ is deterministic: modules sorted by name, objects in source order, then topics b
 from __future__ import annotations
 
 import ast
+import platform
 import sysconfig
 import warnings
 from pathlib import Path
@@ -45,6 +46,11 @@ def _docstrings(tree: ast.Module, module: str) -> list[tuple[str, str]]:
 
     visit(tree, module)
     return out
+
+
+def sources() -> dict[str, str]:
+    """What the corpus was read from (recorded in the database manifest)."""
+    return {"python": platform.python_version()}
 
 
 def documents() -> list[Document]:

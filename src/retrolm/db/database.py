@@ -147,6 +147,7 @@ class RetrievalDB:
         sizes = {rel: v["size"] for rel, v in self.manifest["files"].items()}
         return {"path": str(self.path), "settings": self.manifest["settings"], "counts": self.manifest["counts"],
                 "dedup": self.manifest["dedup"], "retriever": self.manifest["retriever"],
+                "sources": self.manifest.get("sources", {}),
                 "bytes_on_disk": sum(sizes.values()), "files": sizes}
 
     # ----------------------------------------------------------------------------- build
@@ -211,7 +212,7 @@ class RetrievalDB:
                     handle.write(json.dumps({"index": i, "id": d.doc_id, "title": d.title, "split": s,
                                              "db_only": d.db_only}) + "\n")
             mark("corpus", {"read": stats.read, "exact_dups": stats.exact_dups, "near_dups": stats.near_dups,
-                            "skipped_binary": stats.skipped_binary, "kept": len(docs)})
+                            "skipped_binary": stats.skipped_binary, "kept": len(docs), "sources": stats.sources})
 
         def load_docs():
             nonlocal docs
@@ -220,7 +221,7 @@ class RetrievalDB:
                 docs = dedup_exact(raw, stats)
                 if near_dedup:
                     docs = dedup_near(docs, stats)
-                if len(docs) != done["corpus"]["kept"]:
+                if len(docs) != done["corpus"]["kept"] or stats.sources != done["corpus"].get("sources", stats.sources):
                     raise RetrolmError(f"corpus {corpus!r} changed during the build; re-run with a fresh --out")
             return docs
 
@@ -341,6 +342,7 @@ class RetrievalDB:
             "splits": list(SPLITS),
             "counts": counts,
             "dedup": {k: done["corpus"][k] for k in ("read", "exact_dups", "near_dups", "skipped_binary", "kept")},
+            "sources": done["corpus"].get("sources", {}),  # e.g. {package: version} of builtin:pkgdocs
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
             "pad_id": tok.pad_id,
