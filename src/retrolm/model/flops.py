@@ -10,6 +10,7 @@ k = neighbours, r = neighbour length, n_r = k*r/m neighbour tokens per decoder t
   CCA layer      2 * (2 d^2 + n_r * 2 e d) + 4 k r d
   encoder        n_r * [2 * (d e if e != d) + per layer 2 * (4 e^2 + mlp(e, ff_e)) + 4 r e]
                  + first layer cross-attention: n_r * (2 * 2 e^2 + 4 m e) + 2 * 2 d e
+  copy head      2 d c + n_r * 2 e c + 2 k r c + 2 d     (c = copy_dim; only with copy_head)
 
 where mlp(a, f) = 3 a f (SwiGLU) or 2 a f (GELU). Embedding lookups are free. The
 encoder and CCA terms vanish for a GPT (`cca_layers == []`).
@@ -38,7 +39,7 @@ def flops_per_token(config: RetroConfig, seq_len: int) -> dict[str, float]:
     d, e, m, k, r = c.d_model, c.enc_d_model, c.chunk_size, c.n_neighbors, c.neighbor_len
     decoder = c.n_layers * (2 * (4 * d * d + _mlp_macs(d, c.d_ff, c.mlp)) + 4 * T * d)
     head = 2 * d * c.vocab_size
-    cca = encoder = 0.0
+    cca = encoder = copy = 0.0
     scores = c.n_layers * 4 * T * d  # the attention-score part of all terms (no weights)
     if c.cca_layers:
         n_r = k * r / m
@@ -50,12 +51,17 @@ def flops_per_token(config: RetroConfig, seq_len: int) -> dict[str, float]:
         per_nb_token += 2 * 2 * e * e + 4 * m * e  # first layer: q/out projections + scores
         encoder = n_r * per_nb_token + 2 * 2 * d * e  # chunk states -> keys/values, once per chunk
         scores += len(c.cca_layers) * 4 * k * r * d + n_r * (c.enc_layers * 4 * r * e + 4 * m * e)
-    forward = decoder + head + cca + encoder
+    if c.cca_layers and c.copy_head:
+        dc = c.copy_dim
+        copy = 2 * d * dc + (k * r / m) * 2 * e * dc + 2 * k * r * dc + 2 * d
+        scores += 2 * k * r * dc
+    forward = decoder + head + cca + encoder + copy
     return {
         "decoder": float(decoder),
         "lm_head": float(head),
         "cca": float(cca),
         "encoder": float(encoder),
+        "copy_head": float(copy),
         "attention_scores": float(scores),  # included in the components above
         "forward": float(forward),
         "train": float(3 * forward),
