@@ -94,3 +94,17 @@ def test_copy_head_is_a_retrieval_part() -> None:
     names = [n for n, _ in model.named_parameters() if n.startswith("copy_head.")]
     assert names and all(is_retrieval_parameter(n) for n in names)
     assert not math.isnan(model.copy_head.sentinel_bias.item())
+
+
+def test_decoder_loss_adds_gradient_but_not_value() -> None:
+    """copy_decoder_loss trains the decoder alone too, while the reported loss stays the mixture's."""
+    tokens, neighbours, mask = copy_inputs()
+    targets = tokens.roll(-1, 1)
+    results = []
+    for weight in (0.0, 1.0):
+        model = make_model(copy_decoder_loss=weight).train()
+        _, loss = model(tokens, neighbours, mask, targets=targets)
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    assert not torch.allclose(results[0][1], results[1][1])

@@ -113,7 +113,7 @@ class GPT2Retro(Retro):
             block.drop = nn.Identity()  # GPT-2's sublayers apply their own residual dropout
         self.norm = nn.LayerNorm(d, eps=eps)
 
-    def _run(self, tokens: Tensor, start: int, cache: Any, source: Any) -> Tensor:
+    def _run(self, tokens: Tensor, start: int, cache: Any, source: Any) -> tuple[Tensor, Tensor]:
         """Retro._run with GPT-2's learned positions added to the token embedding."""
         B, t = tokens.shape
         if start + t > self.n_positions:

@@ -58,6 +58,7 @@ class RetroConfig:
     copy_head: bool = False
     copy_dim: int = 64  # width of the copy head's query/key space
     copy_match: int = 2  # exact-match features: suffixes of length 1..copy_match (0: none)
+    copy_decoder_loss: float = 1.0  # weight of the decoder-alone loss added in training
     dropout: float = 0.0
     tie_embeddings: bool = True
     max_seq_len: int = 256
@@ -121,6 +122,8 @@ class RetroConfig:
             bad(f"duplicate CCA layers {self.cca_layers}")
         if not isinstance(self.copy_match, int) or not 0 <= self.copy_match <= 8:
             bad(f"copy_match must be an integer in 0..8, got {self.copy_match!r}")
+        if not isinstance(self.copy_decoder_loss, (int, float)) or self.copy_decoder_loss < 0:
+            bad(f"copy_decoder_loss must be a number >= 0, got {self.copy_decoder_loss!r}")
         if self.copy_head and not self.cca_layers:
             bad("copy_head needs at least one CCA layer (its keys come from the neighbour encoder)")
         if not 0.0 <= self.dropout < 1.0:

@@ -231,16 +231,17 @@ class Retro(nn.Module):
         source = None
         if retrieval and neighbours is not None and self.encoder is not None:
             source = self._tensor_source(neighbours, neighbour_mask, B, T)
-        logits = self._run(tokens, 0, None, source)
+        logits, decoder_logits = self._run(tokens, 0, None, source)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).to(
-                    torch.promote_types(logits.dtype, torch.float32)
-                ),
-                targets.reshape(-1),
-                ignore_index=-100,
-            )
+            loss = _cross_entropy(logits, targets)
+            weight = self.config.copy_decoder_loss
+            if decoder_logits is not logits and weight > 0:
+                # The decoder alone also learns every token (copying would otherwise starve
+                # it of gradient wherever a neighbour explains the target); added as
+                # w * (ce - ce.detach()) so the reported loss stays the mixture's.
+                own = _cross_entropy(decoder_logits, targets)
+                loss = loss + weight * (own - own.detach())
         return logits, loss
 
     def new_cache(self, batch_size: int) -> RetroCache:
@@ -279,7 +280,7 @@ class Retro(nn.Module):
             else None
         )
         try:
-            logits = self._run(tokens, start, cache, source)
+            logits, _ = self._run(tokens, start, cache, source)
         except BaseException:
             cache.rollback(start)  # a failed step (e.g. in retrieve) leaves the cache as it was
             raise
@@ -396,7 +397,7 @@ class Retro(nn.Module):
         start: int,
         cache: RetroCache | None,
         source: Callable[[int, int, Tensor], Encoded] | None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         B, t = tokens.shape
         x = self.drop(self.tok_emb(tokens))  # (B, t, C)
         cos, sin = self.rotary(torch.arange(start, start + t, device=tokens.device), x.dtype)
@@ -419,23 +420,26 @@ class Retro(nn.Module):
         cache: RetroCache | None,
         retrieval: bool,
         context: Context | None,
-    ) -> Tensor:
-        """Logits (B, t, V). With a copy head and retrieval on: log-probabilities of the
+    ) -> tuple[Tensor, Tensor]:
+        """(output, decoder logits), each (B, t, V); the same tensor without a copy head.
+
+        With a copy head and retrieval on, the output holds log-probabilities of the
         mixture (log-softmax of the logits where no neighbour is readable), so that the
-        values do not depend on where a chunk boundary or a missing neighbour falls."""
+        values do not depend on where a chunk boundary or a missing neighbour falls.
+        """
         logits = self.lm_head(self.norm(x))  # (B, t, V)
         if self.copy_head is None or not retrieval:
-            return logits
+            return logits, logits
         dtype = torch.promote_types(logits.dtype, torch.float32)
         if context is None:
-            return torch.log_softmax(logits.to(dtype), dim=-1)
+            return torch.log_softmax(logits.to(dtype), dim=-1), logits
         m, r, L = self.config.chunk_size, self.config.neighbor_len, max(self.config.copy_match, 1)
         states, mask, nb_tokens, group_lo = context  # (B, G, S, E), (B, G, S), (B, G, S)
         B, G, S = mask.shape
         first_pos = max(start, m - 1)
         n_new = start + x.shape[1] - first_pos  # positions that read neighbours
         if n_new <= 0:
-            return torch.log_softmax(logits.to(dtype), dim=-1)
+            return torch.log_softmax(logits.to(dtype), dim=-1), logits
         history = tokens if cache is None else cache.tokens[:, : start + x.shape[1]]  # (B, start+t)
         offset, grouped = self._group(x[:, first_pos - start :], start, group_lo, G)
         positions = torch.arange(G * m, device=x.device) + group_lo * m + m - 1  # (G*m,)
@@ -454,9 +458,9 @@ class Retro(nn.Module):
         succ = successors[:, :, None, :].expand(B, G, m, S).reshape(B, G * m, S)[:, keep]
         mixed = mix(logits[:, first_pos - start :], log_copy, log_sentinel, succ)  # (B, n_new, V)
         if first_pos == start:
-            return mixed
+            return mixed, logits
         head = torch.log_softmax(logits[:, : first_pos - start].to(dtype), dim=-1)
-        return torch.cat([head, mixed], dim=1)
+        return torch.cat([head, mixed], dim=1), logits
 
     def _context(
         self,
@@ -526,6 +530,14 @@ class Retro(nn.Module):
         y = block.cca(q, states.reshape(B * G, S, -1), mask.reshape(B * G, S), q_rot, k_rot)
         y = y.reshape(B, G * m, C)[:, offset : offset + t - (first_pos - start)]
         return F.pad(y, (0, 0, first_pos - start, 0))  # (B, t, C)
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over targets != -100, in at least float32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1), ignore_index=-100
+    )
 
 
 def _stack_encoded(
