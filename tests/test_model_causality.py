@@ -19,7 +19,7 @@ def make_model(**overrides) -> Retro:
     model = Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
     if model.copy_head is not None:  # make copying matter: exact matches and a weak sentinel
         with torch.no_grad():
-            model.copy_head.match_weight.copy_(torch.tensor([2.0, 3.0]))
+            model.copy_head.match_weight.copy_(torch.tensor([0.2, 0.3]))
             model.copy_head.sentinel_bias.fill_(0.0)
     return model
 

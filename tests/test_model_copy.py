@@ -16,7 +16,7 @@ def make_model(**overrides) -> Retro:
     torch.manual_seed(0)
     model = Retro(RetroConfig.from_name("tiny", copy_head=True, **overrides)).double().eval()
     with torch.no_grad():  # make copying matter: exact matches count, the sentinel is weak
-        model.copy_head.match_weight.copy_(torch.tensor([2.0, 3.0]))
+        model.copy_head.match_weight.copy_(torch.tensor([0.2, 0.3]))
         model.copy_head.sentinel_bias.fill_(0.0)
     return model
 
@@ -56,7 +56,7 @@ def test_copying_a_matched_successor_lowers_the_loss() -> None:
     predicted far better than with another sequence's neighbours (no training needed)."""
     model = make_model()
     with torch.no_grad():
-        model.copy_head.match_weight.copy_(torch.tensor([4.0, 6.0]))
+        model.copy_head.match_weight.copy_(torch.tensor([0.4, 0.6]))
     tokens, neighbours, mask = copy_inputs()
     targets = tokens.roll(-1, 1)
     targets[:, : M - 1] = -100  # positions before the first neighbour cannot copy

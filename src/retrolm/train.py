@@ -32,6 +32,7 @@ from torch import nn
 from retrolm.errors import RetrolmError
 from retrolm.training import checkpointing as ckpt
 from retrolm.training import distributed
+from retrolm.training.augment import wrong_neighbours
 from retrolm.training.budget import TimeBudget
 from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
 from retrolm.training.optimizer import build_optimizer, set_lr
@@ -44,6 +45,7 @@ _TRAJECTORY_FIELDS = (
     "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "beta1", "beta2", "grad_clip", "k", "retrieval", "exclude_sample_docs",
     "tokens", "minutes", "bf16", "seed", "replay_share", "replay_db", "retrieval_lr_scale",
+    "wrong_neighbour_share",
 )  # fmt: skip
 
 
@@ -78,6 +80,9 @@ class TrainConfig:
     init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
     rewarm: bool = False  # re-warm from the floor even without init_from (a retro-fitted module)
     replay_share: float = 0.0  # share of sequences replayed without neighbours (retrolm.replay)
+    # Share of training sequences fed another sequence's neighbours (the next one in the
+    # micro-batch), so the model learns to ignore neighbours that do not match its text.
+    wrong_neighbour_share: float = 0.0
     replay_db: str | None = None  # database to replay from; None: this database's LM data
     device: str | None = None  # None: cuda if available else cpu
     progress: bool = True
@@ -155,6 +160,10 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Pat
 def _budget_steps(cfg: TrainConfig, tokens_per_step: int, epoch_sequences: int) -> int:
     if not cfg.retrieval_lr_scale > 0:
         raise RetrolmError(f"--retrieval-lr-scale must be > 0, got {cfg.retrieval_lr_scale}")
+    if not 0.0 <= cfg.wrong_neighbour_share < 1.0:
+        raise RetrolmError(
+            f"--wrong-neighbour-share must be in [0, 1), got {cfg.wrong_neighbour_share}"
+        )
     if cfg.tokens is not None:
         if cfg.tokens <= 0:
             raise RetrolmError(f"--tokens must be > 0, got {cfg.tokens}")
@@ -366,6 +375,10 @@ class _Run:
         if self.cfg.retrieval:
             neighbours = batch["neighbours"].to(device, non_blocking=True)  # (b, l, k, r)
             mask = batch["neighbour_mask"].to(device, non_blocking=True)  # (b, l, k, r)
+            if self.cfg.wrong_neighbour_share > 0:
+                self._micro = getattr(self, "_micro", 0) + 1
+                key = (self.cfg.seed, self.step, self.dist.rank, self._micro % self.cfg.grad_accum)
+                neighbours, mask = wrong_neighbours(neighbours, mask, self.cfg.wrong_neighbour_share, key)
         no_sync = (
             self.model.no_sync()
             if self.dist.enabled and not sync and hasattr(self.model, "no_sync")

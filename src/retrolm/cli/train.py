@@ -36,6 +36,11 @@ def train_command(
     retrieval_lr_scale: float = typer.Option(
         1.0, "--retrieval-lr-scale", help="LR multiplier for the encoder and CCA parameters."
     ),
+    wrong_neighbour_share: float = typer.Option(
+        0.0,
+        "--wrong-neighbour-share",
+        help="Share of sequences trained with another sequence's neighbours (teaches ignoring them).",
+    ),
     warmup_steps: int | None = typer.Option(
         None, "--warmup-steps", help="Linear warm-up steps (default: 5% of steps, <= 200)."
     ),
@@ -66,6 +71,7 @@ def train_command(
         grad_accum=grad_accum,
         lr=lr,
         retrieval_lr_scale=retrieval_lr_scale,
+        wrong_neighbour_share=wrong_neighbour_share,
         min_lr_ratio=min_lr_ratio,
         warmup_steps=warmup_steps,
         k=k,

@@ -30,6 +30,10 @@ from torch import Tensor, nn
 from retrolm.model.config import RetroConfig
 
 NO_TOKEN = -1  # padding id in the token tensors below (never equal to a real token)
+# The scalar parameters (match weights, sentinel bias) are stored divided by this. Adam moves
+# every parameter by about lr per step whatever its gradient, so a weight that must reach
+# ~5 would need thousands of steps at lr 1e-3; scaled, it gets there in a few hundred.
+SCALAR_SCALE = 10.0
 
 
 class NeighbourCopyHead(nn.Module):
@@ -46,7 +50,7 @@ class NeighbourCopyHead(nn.Module):
         # Start as the decoder alone: the sentinel outweighs all k*r neighbour positions
         # (about 95% of the mass when every score is 0).
         start = math.log(c.n_neighbors * c.neighbor_len) + 3.0
-        self.sentinel_bias = nn.Parameter(torch.tensor(start))
+        self.sentinel_bias = nn.Parameter(torch.tensor(start / SCALAR_SCALE))
         self.match_weight = nn.Parameter(torch.zeros(max(c.copy_match, 1)))
 
     def forward(
@@ -64,12 +68,14 @@ class NeighbourCopyHead(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)
         scores = torch.einsum("nmd,nsd->nms", q, k).to(dtype) / math.sqrt(self.copy_dim)
         if self.n_match:
+            weights = self.match_weight.to(dtype) * SCALAR_SCALE
             match = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
             for n in range(self.n_match):  # suffix of length n+1 equal on both sides
                 match = match & (query_tokens[:, :, None, n] == key_tokens[:, None, :, n])
-                scores = scores + self.match_weight[n].to(dtype) * match
+                scores = scores + weights[n] * match
         scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-        sentinel = (self.sentinel(h).squeeze(-1) + self.sentinel_bias).to(dtype)  # (N, m)
+        bias = self.sentinel_bias.to(dtype) * SCALAR_SCALE
+        sentinel = self.sentinel(h).squeeze(-1).to(dtype) + bias  # (N, m)
         log_norm = torch.logsumexp(torch.cat([scores, sentinel[..., None]], dim=-1), dim=-1)
         return scores - log_norm[..., None], sentinel - log_norm
 
