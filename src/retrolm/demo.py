@@ -65,18 +65,24 @@ class DemoSettings:
     eval_reserve_minutes: float = 1.0  # --minutes only: time kept for evaluation
 
 
-# The full demo: cpu-small decoder on builtin:pydocs; 681 steps of 4 x 256 tokens per run
-# (the token count of the measured 15-minute run in docs/results.md).
+# The full demo: a cpu-small RETRO with the neighbour copy head on builtin:pkgdocs (the
+# installed packages' docstrings: ~6.6M train tokens, all in the database), BM25 neighbours
+# (seconds to build; dense MiniLM would take ~14 min for 115k chunks here), 300 steps of
+# 4 x 256 tokens per run: each model sees ~5% of the train split, so the database holds
+# text the models never trained on. A quarter of RETRO's training sequences get another
+# sequence's neighbours, so it learns to ignore neighbours that do not match (docs/results.md
+# has the copy-head settings measured one by one). fp32: on CPUs without AVX-512 BF16 (this project's
+# AMD EPYC), bf16 autocast is 10-30x slower than fp32 (docs/results.md).
 FULL = DemoSettings(
-    corpus="builtin:pydocs",
-    retriever="dense",
-    db={"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": (96, 2, 2), "seed": 0,
-        "embed_dtype": "bf16"},
+    corpus="builtin:pkgdocs",
+    retriever="bm25",
+    db={"chunk_size": 64, "vocab_size": 8192, "neighbors": 8, "split": (300, 1, 1), "seed": 0,
+        "embed_dtype": "fp32"},
     model="cpu-small",
-    overrides={"enc_layers": 1},
+    overrides={"enc_layers": 1, "n_neighbors": 1, "copy_head": True, "copy_match": 4},
     train={"seq_len": 256, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1,
-           "bf16": True, "k": 1, "checkpoint_every": 50},
-    tokens=681 * 4 * 256,
+           "bf16": False, "k": 1, "checkpoint_every": 50, "wrong_neighbour_share": 0.25},
+    tokens=300 * 4 * 256,
     sample=SampleSettings(prompt_tokens=96, new_tokens=128),
 )  # fmt: skip
 # --tiny: a test-sized run: tiny model, 80-document corpus slice, 12 steps per run.
@@ -84,9 +90,9 @@ TINY = DemoSettings(
     corpus="builtin:pydocs",
     retriever="dense",
     db={"chunk_size": 32, "vocab_size": 512, "neighbors": 4, "split": (80, 10, 10), "seed": 0,
-        "embed_dtype": "bf16"},
+        "embed_dtype": "fp32"},
     model="tiny",
-    overrides={"max_seq_len": 128},
+    overrides={"max_seq_len": 128, "copy_head": True},
     train={"seq_len": 128, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
            "bf16": False, "k": 2, "checkpoint_every": 10},
     tokens=128 * 4 * 12,
@@ -876,8 +882,11 @@ GLOSSARY = [
                 "then an end-of-document token) pasted before its context; no extra training."),
     ("RETRO", "the same decoder plus a neighbour encoder and chunked cross-attention, trained on the same "
               "sequences with k neighbours per chunk, evaluated with its neighbours."),
-    ("RETRO-off", "the RETRO checkpoint evaluated with retrieval switched off (cross-attention skipped): "
-                  "what its decoder predicts without any neighbours."),
+    ("copy head", "an addition to RETRO (beyond the paper): at each position the model may point at a token "
+                  "of a neighbour whose preceding tokens match its own and predict the token that follows "
+                  "it there, mixed with the decoder's own prediction by a learned weight (docs/model.md)."),
+    ("RETRO-off", "the RETRO checkpoint evaluated with retrieval switched off (cross-attention and copy head "
+                  "skipped): what its decoder predicts without any neighbours."),
     ("RETRO-shuffled", "the RETRO checkpoint fed the neighbours of another held-out sequence: real database "
                        "text of the right shape that is unrelated to what it predicts."),
     ("ppl", "perplexity, exp of the mean negative log-likelihood per token (lower is better)."),
@@ -894,11 +903,18 @@ GLOSSARY = [
 ]  # fmt: skip
 
 
+def _plain(value: Any) -> str:
+    """A setting's value as a person writes it (on/off, not True/False)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def _settings_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     st = s["settings"]
     db, tr, sm = st["db"], st["train"], st["sample"]
     retr = {"dense": "dense (MiniLM sentence embeddings, FAISS search)", "bm25": "BM25 (lexical)"}
-    over = ", ".join(f"{k} = {v}" for k, v in st["overrides"].items()) or "none"
+    over = ", ".join(f"{k} = {_plain(v)}" for k, v in st["overrides"].items()) or "none"
     run = s["runs"]["GPT seed 0"]
     budget = s["plan"]["gpt_budget"]
     how = (f"fixed at {budget['tokens']:,} training tokens per run" if "tokens" in budget else
@@ -916,7 +932,9 @@ def _settings_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                   "without the encoder and cross-attention"),
         ("training", f"{tr['seq_len']}-token sequences, batch {tr['batch_size']}, peak learning rate {tr['lr']:g} "
                      f"after {tr['warmup_steps']} warm-up steps, cosine decay to {tr['min_lr_ratio']:g} of it, "
-                     f"bf16 autocast {'on' if tr['bf16'] else 'off'}, k = {tr['k']} neighbours per chunk"),
+                     f"bf16 autocast {'on' if tr['bf16'] else 'off'}, k = {tr['k']} neighbours per chunk"
+                     + (f"; {tr['wrong_neighbour_share']:.0%} of RETRO's training sequences get another "
+                        "sequence's neighbours" if tr.get("wrong_neighbour_share") else "")),
         ("budget", f"{how}: {run['tokens']:,} tokens = {run['steps']} steps, the same for GPT and RETRO, "
                    "same sequences in the same order"),
         ("seeds", f"{s['seeds']} (seeds 0 to {s['seeds'] - 1}), one database" if s["seeds"] > 1 else "1 (seed 0)"),
