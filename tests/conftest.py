@@ -98,3 +98,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_tiny_retro(**overrides):
+    """The `tiny` preset in float64 after a fixed seed; with a copy head, one that copies.
+
+    The copy head's exact-match weights start at 0 and its sentinel takes ~95% of the mass,
+    so a fresh model barely copies; tests of causality and caching set them so it does.
+    """
+    import torch
+
+    from retrolm.model.config import RetroConfig
+    from retrolm.model.retro import Retro
+
+    torch.manual_seed(0)
+    model = Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
+    if model.copy_head is not None:
+        with torch.no_grad():
+            model.copy_head.match_weight.copy_(torch.tensor([0.2, 0.3]))
+            model.copy_head.sentinel_bias.fill_(0.0)
+    return model

@@ -7,21 +7,15 @@ import math
 import pytest
 import torch
 
+from conftest import make_tiny_retro
 from retrolm.errors import RetrolmError
-from retrolm.model.config import RetroConfig
 from retrolm.model.retro import Retro
 
 M, R, V = 16, 32, 512
 
 
 def make_model(**overrides) -> Retro:
-    torch.manual_seed(0)
-    model = Retro(RetroConfig.from_name("tiny", **overrides)).double().eval()
-    if model.copy_head is not None:  # make copying matter: exact matches and a weak sentinel
-        with torch.no_grad():
-            model.copy_head.match_weight.copy_(torch.tensor([0.2, 0.3]))
-            model.copy_head.sentinel_bias.fill_(0.0)
-    return model
+    return make_tiny_retro(**overrides)
 
 
 def make_inputs(B: int, T: int, k: int = 2, seed: int = 1) -> tuple[torch.Tensor, ...]:

