@@ -513,9 +513,17 @@ def plot_curves(seed_runs: list[dict[str, Path]], points: dict[str, tuple[float,
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("GPT vs RETRO: same decoder start, same sequences, same tokens")
+    return _finish_plot(fig, ax, "training tokens", "loss (nats/token)",
+                        "GPT vs RETRO: same decoder start, same sequences, same tokens", path)  # fmt: skip
+
+
+def _finish_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label, grid and legend the axes, then write the figure atomically as a PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -550,16 +558,9 @@ def plot_buckets(split_table: dict[str, Any], split: str, path: Path) -> Path | 
                 linewidth=1.5, label=name)  # fmt: skip
     ax.set_xticks(x, [f"r <= {_alpha_label(b['alpha'])}\n{b['n_chunks']} chunks ({100 * b['share']:.0f}%)"
                       for b in buckets])  # fmt: skip
-    ax.set_xlabel("held-out chunks whose overlap r with their neighbours is at most ...")
-    ax.set_ylabel("bits per byte (lower is better)")
-    ax.set_title(f"Held-out {split} chunks: bits per byte by overlap bucket")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return _finish_plot(fig, ax, "held-out chunks whose overlap r with their neighbours is at most ...",
+                        "bits per byte (lower is better)",
+                        f"Held-out {split} chunks: bits per byte by overlap bucket", path)  # fmt: skip
 
 
 # -- the run ----------------------------------------------------------------------------------
