@@ -19,6 +19,7 @@ from retrolm.training import checkpointing as ckpt
 STEPS = 16
 BATCH, SEQ = 2, 32
 EVERY = 2
+WRONG = 0.5  # the seeded wrong-neighbour draw must repeat after a resume too
 
 
 def _cli(db: Path, out: Path, *extra: str) -> list[str]:
@@ -26,7 +27,7 @@ def _cli(db: Path, out: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "retrolm", "train", "--db", str(db), "--model", "tiny",
         "--out", str(out), "--tokens", str(STEPS * BATCH * SEQ), "--batch-size", str(BATCH),
         "--seq-len", str(SEQ), "--checkpoint-every", str(EVERY), "--seed", "7",
-        "--device", "cpu", *extra,
+        "--device", "cpu", "--wrong-neighbour-share", str(WRONG), *extra,
     ]  # fmt: skip
 
 
@@ -71,7 +72,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_db_path, tmp_path):
     reference = tmp_path / "reference"
     cfg = TrainConfig(
         tokens=STEPS * BATCH * SEQ, batch_size=BATCH, seq_len=SEQ, checkpoint_every=EVERY,
-        seed=7, device="cpu", progress=False,
+        seed=7, device="cpu", progress=False, wrong_neighbour_share=WRONG,
     )  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

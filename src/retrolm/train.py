@@ -367,7 +367,8 @@ class _Run:
             model = torch.compile(model)
         return model
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
+    def _forward_backward(self, batch: dict[str, torch.Tensor], micro: int, sync: bool) -> torch.Tensor:
+        """One micro-batch (index `micro` within the optimizer step): forward, scaled backward."""
         device = self.dist.device
         tokens = batch["tokens"].to(device, non_blocking=True)  # (b, n)
         targets = batch["targets"].to(device, non_blocking=True)  # (b, n)
@@ -376,8 +377,7 @@ class _Run:
             neighbours = batch["neighbours"].to(device, non_blocking=True)  # (b, l, k, r)
             mask = batch["neighbour_mask"].to(device, non_blocking=True)  # (b, l, k, r)
             if self.cfg.wrong_neighbour_share > 0:
-                self._micro = getattr(self, "_micro", 0) + 1
-                key = (self.cfg.seed, self.step, self.dist.rank, self._micro % self.cfg.grad_accum)
+                key = (self.cfg.seed, self.step, self.dist.rank, micro)
                 neighbours, mask = wrong_neighbours(neighbours, mask, self.cfg.wrong_neighbour_share, key)
         no_sync = (
             self.model.no_sync()
@@ -442,7 +442,7 @@ class _Run:
                 set_lr(self.optimizer, lr)
                 loss_sum = torch.zeros((), device=dist.device)
                 for j in range(cfg.grad_accum):
-                    loss_sum += self._forward_backward(next(loader), sync=j == cfg.grad_accum - 1)
+                    loss_sum += self._forward_backward(next(loader), j, sync=j == cfg.grad_accum - 1)
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 self.optimizer.step()
