@@ -71,7 +71,7 @@ def find_setup(args) -> dict:
                 found[kind] = str(final)
                 break
         if not found[kind]:
-            from retrolm.train import TrainConfig, train
+            from retrolm.training.trainer import TrainConfig, train
 
             out = ROOT / "runs/bench-gen" / kind
             notes.append(f"trained tiny {kind} for {args.train_minutes} min in {out}")
@@ -85,8 +85,8 @@ def find_setup(args) -> dict:
 def bench_decoding(setup: dict, args) -> None:
 
     from retrolm.db.database import RetrievalDB
-    from retrolm.degeneration import held_out_prompts
-    from retrolm.generate import generate
+    from retrolm.evaluation.degeneration import held_out_prompts
+    from retrolm.generation.decode import generate
     from retrolm.model.checkpoint import load_model
 
     db = RetrievalDB.open(setup["db"], verify=False)

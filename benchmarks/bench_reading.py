@@ -12,10 +12,10 @@ small to see in a CPU budget.
 Steps:
 1. database `<out>/db`: builtin:twins (or --corpus), BM25, m = 32, BPE 4096, 2 stored
    neighbours, split 90/5/5 (reused when it exists with the same settings);
-2. a RETRO trained from scratch with `retrolm.train.train` into `<out>/run-<hash of the
+2. a RETRO trained from scratch with `retrolm.training.trainer.train` into `<out>/run-<hash of the
    settings>`, with a step checkpoint every --eval-every steps (an existing run with the
    same settings is reused or resumed, so a re-run only re-evaluates);
-3. every checkpoint evaluated with `retrolm.evaluate.evaluate` on the held-out valid split
+3. every checkpoint evaluated with `retrolm.evaluation.perplexity.evaluate` on the held-out valid split
    (documents never in the database): RETRO, RETRO-off and RETRO-shuffled.
 
 Output: one `{"kind": "checkpoint", ...}` line per checkpoint (step, tokens, ppl per row,
@@ -93,7 +93,7 @@ def settings_hash(obj: Any) -> str:
 
 def main() -> None:
     from retrolm.model.config import RetroConfig
-    from retrolm.train import TrainConfig
+    from retrolm.training.trainer import TrainConfig
 
     model_fields = {f.name for f in dataclasses.fields(RetroConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -126,9 +126,9 @@ def main() -> None:
 
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
-    from retrolm.evaluate import content_gain, evaluate, find_row
-    from retrolm.train import train
+    from retrolm.evaluation.perplexity import content_gain, evaluate, find_row
     from retrolm.training import checkpointing as ckpt
+    from retrolm.training.trainer import train
 
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

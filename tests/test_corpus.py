@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from retrolm.corpus import ReadStats, dedup_exact, dedup_near, read_corpus, split_of
+from retrolm.corpora.reader import ReadStats, dedup_exact, dedup_near, read_corpus, split_of
 from retrolm.errors import RetrolmError
 
 
@@ -65,7 +65,7 @@ def test_undecodable_bytes_replaced_and_warned(tmp_path):
 
 
 def test_exact_and_near_dedup(tmp_path):
-    from retrolm.corpus import Document
+    from retrolm.corpora.reader import Document
 
     base = " ".join(f"word{i}" for i in range(200))
     docs = [Document("a", base), Document("b", "  " + base.upper() + "\n"), Document("c", base + " extra"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrolm.data import ResumableBatchSampler, first_k_valid
+from retrolm.db.dataset import ResumableBatchSampler, first_k_valid
 from retrolm.errors import RetrolmError
 
 # -- sampler ----------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ SEQ = 64  # l = 4 chunks of m = 16
 
 @pytest.fixture(scope="module")
 def train_set(tiny_db):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     return RetroDataset(tiny_db, "train", seq_len=SEQ, k=2)
 
@@ -92,7 +92,7 @@ def test_items_have_the_documented_shapes_and_shifted_targets(tiny_db, train_set
 
 @pytest.mark.parametrize("split", ["train", "valid"])
 def test_chunk_u_carries_the_neighbours_of_window_s_plus_u(tiny_db, split):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     ds = RetroDataset(tiny_db, split, seq_len=SEQ, k=3, exclude_sample_docs=False)
     m = tiny_db.chunk_size
@@ -109,7 +109,7 @@ def test_chunk_u_carries_the_neighbours_of_window_s_plus_u(tiny_db, split):
 
 
 def test_no_neighbour_comes_from_a_document_of_the_sample(tiny_db, train_set):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     lenient = RetroDataset(tiny_db, "train", seq_len=SEQ, k=2, exclude_sample_docs=False)
     m, removed = tiny_db.chunk_size, 0
@@ -133,7 +133,7 @@ def test_train_split_never_reads_past_lm_train_tokens(tiny_db):
     stream there (a database whose tail is retrieval-only) and read every sequence."""
     import copy
 
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     assert tiny_db.lm_train_tokens <= len(tiny_db.streams["train"])
     budget = len(tiny_db.streams["train"]) // 2 + 7
@@ -151,7 +151,7 @@ def test_train_split_never_reads_past_lm_train_tokens(tiny_db):
 
 
 def test_no_retrieval_gives_the_same_sequences_without_neighbours(tiny_db, train_set):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     plain = RetroDataset(tiny_db, "train", seq_len=SEQ, retrieval=False)
     assert len(plain) == len(train_set)
@@ -161,7 +161,7 @@ def test_no_retrieval_gives_the_same_sequences_without_neighbours(tiny_db, train
 
 
 def test_workers_reopen_the_database_and_match_direct_reads(tiny_db_path, train_set):
-    from retrolm.data import RetroDataset, make_loader
+    from retrolm.db.dataset import RetroDataset, make_loader
 
     ds = RetroDataset(tiny_db_path, "train", seq_len=SEQ, k=2)
     sampler = ResumableBatchSampler(len(ds), global_batch=4, micro_batch=4, seed=1)
@@ -180,7 +180,7 @@ def test_workers_reopen_the_database_and_match_direct_reads(tiny_db_path, train_
 
 
 def test_bad_settings_are_refused(tiny_db):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     with pytest.raises(RetrolmError, match="multiple of the database chunk size"):
         RetroDataset(tiny_db, "train", seq_len=40)

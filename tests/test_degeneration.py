@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrolm.degeneration import evaluate_degeneration, held_out_prompts
 from retrolm.errors import RetrolmError
-from retrolm.metrics import distinct_n, has_repetition, mean_length, repetition_rate
+from retrolm.evaluation.degeneration import evaluate_degeneration, held_out_prompts
+from retrolm.evaluation.metrics import distinct_n, has_repetition, mean_length, repetition_rate
 from retrolm.model.checkpoint import save_model
 from test_generate import tiny_model
 

@@ -13,7 +13,7 @@ SEQ = 64
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_db_path):
     """Final checkpoint dirs of a tiny GPT and a tiny RETRO (same decoder, same sequences)."""
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("eval_runs")
     out = {}
@@ -26,13 +26,13 @@ def runs(tmp_path_factory, tiny_db_path):
 
 @pytest.fixture(scope="module")
 def result(tiny_db, runs):
-    from retrolm.evaluate import evaluate
+    from retrolm.evaluation.perplexity import evaluate
 
     return evaluate(tiny_db, [runs["gpt"].parent, runs["retro"]], split="valid")
 
 
 def test_all_modes_finite_and_bpb_consistent(result, tiny_db):
-    from retrolm.evaluate import find_row
+    from retrolm.evaluation.perplexity import find_row
 
     assert [r["model"] for r in result["rows"]] == ["GPT", "RAG_GPT", "RETRO", "RETRO-off", "RETRO-shuffled"]
     stream = np.asarray(tiny_db.streams["valid"].tokens, dtype=np.int64)
@@ -51,7 +51,7 @@ def test_all_modes_finite_and_bpb_consistent(result, tiny_db):
 
 
 def test_shuffle_is_a_fixed_derangement_within_equal_lengths():
-    from retrolm.evaluate import shuffle_sources
+    from retrolm.evaluation.perplexity import shuffle_sources
 
     for n_full in (2, 3, 7, 10):
         lengths = [64] * n_full + [20]  # full sequences and the short tail
@@ -65,7 +65,7 @@ def test_shuffle_is_a_fixed_derangement_within_equal_lengths():
 
 
 def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, runs, result):
-    from retrolm.evaluate import (
+    from retrolm.evaluation.perplexity import (
         evaluate,
         find_row,
         prepare,
@@ -97,7 +97,7 @@ def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, ru
 
 
 def test_content_gain_and_markdown(result):
-    from retrolm.evaluate import content_gain, find_row, to_markdown
+    from retrolm.evaluation.perplexity import content_gain, find_row, to_markdown
 
     gain = content_gain(result)
     ppl = {name: find_row(result, name)["ppl"] for name in ("RETRO", "RETRO-off", "RETRO-shuffled")}
@@ -120,7 +120,7 @@ def test_overlap_buckets_monotone_and_complete(result):
 
 
 def test_retro_off_equals_gpt_with_the_same_weights(tiny_db, runs, tmp_path):
-    from retrolm.evaluate import evaluate, find_row
+    from retrolm.evaluation.perplexity import evaluate, find_row
     from retrolm.model.checkpoint import load_model, save_model
     from retrolm.model.retro import Retro
 
@@ -139,7 +139,7 @@ def test_retro_off_equals_gpt_with_the_same_weights(tiny_db, runs, tmp_path):
 def test_rag_gpt_context_is_neighbour_then_eos_then_own_tokens(tiny_db, runs):
     import torch
 
-    from retrolm.evaluate import prepare, rag_inputs, score_rag, score_sequences
+    from retrolm.evaluation.perplexity import prepare, rag_inputs, score_rag, score_sequences
     from retrolm.model.checkpoint import load_model
 
     data = prepare(tiny_db, "valid", SEQ, 2)

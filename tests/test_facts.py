@@ -4,8 +4,8 @@ import re
 import pytest
 
 from retrolm.corpora import facts
-from retrolm.metrics import normalize_answer
-from retrolm.qa_data import load_qa_jsonl
+from retrolm.evaluation.metrics import normalize_answer
+from retrolm.qa.data import load_qa_jsonl
 
 N = 120
 
@@ -70,7 +70,7 @@ def test_write_qa_jsonl_filters_kind(tmp_path):
 
 
 def test_documents_as_corpus_documents():
-    pytest.importorskip("retrolm.corpus")
+    pytest.importorskip("retrolm.corpora.reader")
     docs = facts.documents(seed=0, n_entities=N)
     raw = facts.raw_documents(seed=0, n_entities=N)
     assert [d.doc_id for d in docs] == [r[0] for r in raw]

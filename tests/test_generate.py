@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retrolm.errors import RetrolmError
-from retrolm.generate import generate, load_for_generation
+from retrolm.generation.decode import generate, load_for_generation
 from retrolm.generation.retrieval import OnlineRetriever
 from retrolm.generation.sampling import apply_repetition_penalty
 from retrolm.model.checkpoint import save_model

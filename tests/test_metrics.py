@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from retrolm.errors import RetrolmError
-from retrolm.metrics import (
+from retrolm.evaluation.metrics import (
     batch_longest_common_substring,
     bits_per_byte,
     chunk_overlap_ratio,

@@ -16,7 +16,7 @@ import types
 import pytest
 
 from retrolm.corpora import pkgdocs
-from retrolm.corpus import Document, read_corpus
+from retrolm.corpora.reader import Document, read_corpus
 
 LONG = "Explains in plenty of words what this object does and why. " * 4  # >= 200 chars
 SHORT = "Too short to keep."

@@ -54,7 +54,7 @@ def qa_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def items(qa_file):
-    from retrolm.qa_data import load_qa_jsonl
+    from retrolm.qa.data import load_qa_jsonl
 
     return load_qa_jsonl(qa_file)
 
@@ -70,7 +70,7 @@ def _model(db, cca=True, seed=0, n_layers=2):
 
 
 def _source(db, model, k=3):
-    from retrolm.qa import PassageSource
+    from retrolm.qa.pipeline import PassageSource
 
     return PassageSource(db, db.tokenizer, k, model.config.neighbor_len, db.tokenizer.pad_id)
 
@@ -84,7 +84,7 @@ def test_retrieved_passages_come_from_the_entity(facts_db, items):
 
 
 def test_mode_inputs(facts_db, items):
-    from retrolm.qa import Evidence, build_example
+    from retrolm.qa.pipeline import Evidence, build_example
 
     tok = facts_db.tokenizer
     r = 2 * M
@@ -134,7 +134,7 @@ def _full_forward_greedy(model, ex, n):
 
 
 def test_retro_answers_equal_full_forward_argmax(facts_db, items):
-    from retrolm.qa import answer_examples, build_example
+    from retrolm.qa.pipeline import answer_examples, build_example
 
     model = _model(facts_db, seed=4)
     for block in model.blocks:
@@ -160,7 +160,7 @@ def test_retro_answers_equal_full_forward_argmax(facts_db, items):
 
 
 def test_answer_only_loss(facts_db, items):
-    from retrolm.qa import build_example, training_batch
+    from retrolm.qa.pipeline import build_example, training_batch
 
     tok = facts_db.tokenizer
     model = _model(facts_db, seed=1)
@@ -186,7 +186,7 @@ def test_answer_only_loss(facts_db, items):
 
 
 def test_finetune_teaches_closed_book_answers(facts_db, items):
-    from retrolm.qa import answer_items, finetune, score
+    from retrolm.qa.pipeline import answer_items, finetune, score
 
     model = _model(facts_db, cca=False, seed=2)
     few = items[:4]
@@ -199,7 +199,7 @@ def test_finetune_teaches_closed_book_answers(facts_db, items):
 
 
 def test_iter_retgen_requeries_with_the_first_answer(facts_db, items):
-    from retrolm.qa import answer_items
+    from retrolm.qa.pipeline import answer_items
 
     model = _model(facts_db, cca=False, seed=3)
     source = _source(facts_db, model, k=2)
@@ -212,7 +212,7 @@ def test_iter_retgen_requeries_with_the_first_answer(facts_db, items):
 
 
 def test_score_and_selection(items):
-    from retrolm.qa import load_items, score, select_items
+    from retrolm.qa.pipeline import load_items, score, select_items
 
     recs = [
         {"prediction": "The Peteth", "answers": ["peteth"], "kind": "seen"},

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from retrolm.errors import RetrolmError
-from retrolm.qa_data import (
+from retrolm.qa.data import (
     Passage,
     load_qa_jsonl,
     rag_prompt,

@@ -65,7 +65,7 @@ def test_twins_corpus_is_deterministic_with_exact_noise():
 
 
 def test_builtin_twins_is_registered():
-    from retrolm.corpus import read_corpus
+    from retrolm.corpora.reader import read_corpus
 
     docs, stats = read_corpus("builtin:twins")
     assert stats.read == len(docs) == 6000 and sum(d.db_only for d in docs) == 3000
@@ -80,9 +80,9 @@ def test_every_held_out_story_has_its_twin_in_the_database(twins_db):
 
 
 def test_short_training_reads_the_neighbours_content(twins_db, tmp_path):
-    from retrolm.evaluate import content_gain, evaluate
+    from retrolm.evaluation.perplexity import content_gain, evaluate
     from retrolm.model.config import RetroConfig
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     config = RetroConfig(vocab_size=twins_db.vocab_size, **MODEL)
     cfg = TrainConfig(seq_len=SEQ, batch_size=BATCH, lr=LR, tokens=STEPS * BATCH * SEQ, k=1,

@@ -55,7 +55,7 @@ def twin_db(tmp_path_factory):
 
 
 def _train_cfg(**kw):
-    from retrolm.train import TrainConfig
+    from retrolm.training.trainer import TrainConfig
 
     base = dict(batch_size=8, seq_len=64, lr=3e-3, progress=False, checkpoint_every=0)
     return TrainConfig(**{**base, **kw})
@@ -66,7 +66,7 @@ def gpt_dir(twin_db, tmp_path_factory):
     """A small GPT pretrained briefly on the twin database (no retrieval)."""
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
-    from retrolm.train import train
+    from retrolm.training.trainer import train
 
     torch.manual_seed(0)
     config = RetroConfig.from_name("tiny", vocab_size=twin_db.vocab_size, chunk_size=M, n_layers=3,
@@ -89,7 +89,7 @@ def hf_dir(twin_db, tmp_path_factory):
 
 
 def _batch(db, n=4, seq_len=64):
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     data = RetroDataset(db, "valid", seq_len, k=2)
     items = [data[i] for i in range(n)]
@@ -100,7 +100,7 @@ def _batch(db, n=4, seq_len=64):
 
 
 def test_retrieval_off_equals_retrolm_source(gpt_dir, twin_db):
-    from retrolm.retrofit import build_retrofit, load_checkpoint
+    from retrolm.retrofit.pipeline import build_retrofit, load_checkpoint
 
     src = load_checkpoint(gpt_dir).eval()
     model, _ = build_retrofit(gpt_dir, twin_db.vocab_size, M, seed=3)
@@ -124,9 +124,9 @@ def test_retrieval_off_equals_retrolm_source(gpt_dir, twin_db):
 
 
 def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
-    from retrolm.hf_gpt2 import GPT2Retro
     from retrolm.model.checkpoint import save_model
-    from retrolm.retrofit import build_retrofit, load_checkpoint
+    from retrolm.retrofit.hf_gpt2 import GPT2Retro
+    from retrolm.retrofit.pipeline import build_retrofit, load_checkpoint
 
     model, src = build_retrofit(hf_dir, twin_db.vocab_size, M, seed=0)
     assert isinstance(model, GPT2Retro) and model.config.cca_layers == [3]
@@ -152,14 +152,14 @@ def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(b["tokens"], retrieval=False)[0], model(b["tokens"], retrieval=False)[0])
     # the stages that read checkpoints (generate/serve, eval) rebuild the GPT-2 decoder too
-    from retrolm.generate import load_for_generation
+    from retrolm.generation.decode import load_for_generation
 
     loaded, _, _ = load_for_generation(tmp_path / "ckpt", db=twin_db.path)
     assert isinstance(loaded, GPT2Retro)
 
 
 def test_hf_source_errors(hf_dir, twin_db, tmp_path):
-    from retrolm.retrofit import build_retrofit
+    from retrolm.retrofit.pipeline import build_retrofit
 
     with pytest.raises(RetrolmError, match="vocabulary"):
         build_retrofit(hf_dir, twin_db.vocab_size + 100, M)
@@ -175,7 +175,7 @@ def test_hf_source_errors(hf_dir, twin_db, tmp_path):
 def test_new_parameters_are_about_ten_percent_for_cpu_small():
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
-    from retrolm.retrofit import build_retrofit, parameter_counts
+    from retrolm.retrofit.pipeline import build_retrofit, parameter_counts
 
     gpt = Retro(RetroConfig.from_name("cpu-small").as_gpt())
     model, _ = build_retrofit(gpt, gpt.config.vocab_size, 64)
@@ -191,7 +191,7 @@ def test_new_parameters_are_about_ten_percent_for_cpu_small():
 
 
 def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twin_db, tmp_path):
-    from retrolm.retrofit import is_retrieval_parameter, load_checkpoint, retrofit
+    from retrolm.retrofit.pipeline import is_retrieval_parameter, load_checkpoint, retrofit
 
     report = retrofit(gpt_dir, twin_db.path, tmp_path / "rf", _train_cfg(tokens=64 * 8 * 250),
                       freeze=True, eval_sequences=16)  # fmt: skip
@@ -222,7 +222,7 @@ def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twi
 
 
 def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db, tmp_path):
-    from retrolm.retrofit import load_checkpoint, retrofit
+    from retrolm.retrofit.pipeline import load_checkpoint, retrofit
 
     # Full training moves the pretrained decoder too, so the new parts get 3x its LR (the
     # usual recipe for freshly initialised parts). The margin is small (~0.1% perplexity):
@@ -241,8 +241,8 @@ def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db,
 
 
 def test_replay_mixes_neighbour_free_sequences(twin_db):
-    from retrolm.data import RetroDataset
-    from retrolm.replay import ReplayDataset
+    from retrolm.db.dataset import RetroDataset
+    from retrolm.training.replay import ReplayDataset
 
     base = RetroDataset(twin_db, "train", 64, k=2)
     replay = RetroDataset(twin_db, "train", 64, retrieval=False)
@@ -266,8 +266,8 @@ def test_replay_mixes_neighbour_free_sequences(twin_db):
 
 def test_trainer_replay_wiring(gpt_dir, twin_db, tmp_path):
     from retrolm.db.database import RetrievalDB
-    from retrolm.retrofit import build_retrofit, retrofit
-    from retrolm.train import train
+    from retrolm.retrofit.pipeline import build_retrofit, retrofit
+    from retrolm.training.trainer import train
 
     with pytest.raises(RetrolmError, match="replay"):  # no gradient for encoder + CCA
         retrofit(gpt_dir, twin_db.path, tmp_path / "a", _train_cfg(tokens=64, replay_share=0.2),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from retrolm.generate import generate
+from retrolm.generation.decode import generate
 from retrolm.serve import Engine, ServeLimits, create_app
 from test_generate import tiny_model
 

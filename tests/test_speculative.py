@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrolm.errors import RetrolmError
-from retrolm.generate import generate
+from retrolm.generation.decode import generate
 from retrolm.generation.speculative import DraftBudget, propose_draft
 from test_generate import tiny_model
 
@@ -69,7 +69,7 @@ def trained(tiny_db_path, tmp_path_factory):
     cut short (an untrained model loops on one token whatever the cache holds)."""
     from retrolm.model.checkpoint import load_model
     from retrolm.model.config import RetroConfig
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("spec_train")
     cfg = RetroConfig.from_name("tiny", vocab_size=512, chunk_size=16, max_seq_len=64)

@@ -187,7 +187,7 @@ def test_cli_refuses_bad_input_with_one_line(tiny_db_path, tmp_path, capsys):
 
 def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
     from retrolm.model.checkpoint import load_model
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         tokens=3 * 4 * 32, batch_size=4, seq_len=32, retrieval=False, checkpoint_every=0,
@@ -223,7 +223,7 @@ def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
 
 
 def test_minutes_budget_fixes_a_step_count_and_keeps_to_the_time(tiny_db_path, tmp_path):
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         minutes=0.05, batch_size=2, seq_len=32, checkpoint_every=0, device="cpu", progress=False,
@@ -246,7 +246,7 @@ def test_frozen_parameters_stay_frozen_across_a_resume(tiny_db, tiny_db_path, tm
 
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     torch.manual_seed(0)
     config = RetroConfig.from_name("tiny", vocab_size=tiny_db.vocab_size, chunk_size=16)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retrolm.train import TrainConfig, train
+from retrolm.training.trainer import TrainConfig, train
 
 STEPS, BATCH, SEQ = 5, 4, 32
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from retrolm.train import TrainConfig, train
 from retrolm.training import checkpointing as ckpt
+from retrolm.training.trainer import TrainConfig, train
 
 STEPS = 16
 BATCH, SEQ = 2, 32

@@ -122,7 +122,7 @@ def log(message: str) -> None:
 
 def write_slice(corpus: str, path: Path, n_docs: int) -> str:
     """Write every k-th document of `corpus` (at most n_docs) as JSON lines; return its path."""
-    from retrolm.corpus import read_corpus
+    from retrolm.corpora.reader import read_corpus
 
     if path.is_file():
         return str(path)
@@ -157,7 +157,7 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
 def _train(db_dir: Path, config: Any, run_dir: Path, settings: dict[str, Any], retrieval: bool,
            budget: dict[str, Any], progress: bool) -> tuple[dict[str, Any], bool]:  # fmt: skip
     """Train (or resume, or reuse) one run; return its final trainer_state and whether it ran."""
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     name = f"{'RETRO' if retrieval else 'GPT'} checkpoint (seed {settings['seed']})"
     done = _finished(run_dir)
@@ -222,7 +222,7 @@ def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> 
     neighbours of the previous chunk, over m), on the first `max_sequences` training
     sequences. RETRO learns to copy only if enough training chunks can be copied.
     """
-    from retrolm.evaluate import prepare
+    from retrolm.evaluation.perplexity import prepare
 
     data = prepare(db, "train", seq_len, k, max_sequences)
     overlap = data.overlap[data.chunk_tokens > 0]
@@ -269,7 +269,7 @@ def _retro_chunks(
 def sample_generations(db: Any, runs: dict[str, Path], split: str, sample: SampleSettings,
                        k: int) -> dict[str, Any]:  # fmt: skip
     """One sampled continuation per model of the first long enough held-out document's opening."""
-    from retrolm.generate import generate
+    from retrolm.generation.decode import generate
     from retrolm.loading import load_checkpoint
 
     n_prompt, n_new = sample.prompt_tokens, sample.new_tokens
@@ -312,7 +312,7 @@ def comparison(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     `per_seed[s][split]` is `evaluate`'s result for seed s. A model (RETRO-shuffled with
     an evaluation that does not produce it) missing in any seed is left out.
     """
-    from retrolm.evaluate import find_row
+    from retrolm.evaluation.perplexity import find_row
 
     table: dict[str, dict[str, Any]] = {}
     for split in per_seed[0]:
@@ -588,18 +588,11 @@ def _code_version() -> str:
 
     root = Path(retrolm.__file__).parent
     digest = hashlib.sha256()
-    for rel in (
-        "evaluate.py",
-        "metrics.py",
-        "generate.py",
-        "generation/sampling.py",
-        "generation/retrieval.py",
-        "model/retro.py",
-        "model/copy_head.py",
-        "model/layers.py",
+    for path in sorted(
+        p for folder in ("evaluation", "generation", "model") for p in (root / folder).glob("*.py")
     ):
-        if (root / rel).is_file():
-            digest.update((root / rel).read_bytes())
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -644,7 +637,7 @@ def run_demo(
     experiments; they are part of the stored plan).
     """
     from retrolm.db.database import RetrievalDB
-    from retrolm.evaluate import evaluate
+    from retrolm.evaluation.perplexity import evaluate
     from retrolm.model.config import RetroConfig
 
     t0 = time.time()
@@ -785,7 +778,7 @@ def run_demo(
     table = comparison(per_seed)
     curve_split = "valid" if "valid" in per_seed[0] else headline
     points = {}
-    from retrolm.evaluate import find_row
+    from retrolm.evaluation.perplexity import find_row
 
     for name in ("GPT", "RETRO"):
         row = find_row(per_seed[0][curve_split], name)

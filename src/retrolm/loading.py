@@ -2,7 +2,7 @@
 
 A checkpoint is `config.json` + `model.safetensors`. Most are plain `Retro` models
 (`retrolm.model.checkpoint.load_model`); retro-fitted Hugging Face GPT-2 models record
-`config.extra["decoder"] == "hf-gpt2"` and are rebuilt by `retrolm.hf_gpt2`. Every stage
+`config.extra["decoder"] == "hf-gpt2"` and are rebuilt by `retrolm.retrofit.hf_gpt2`. Every stage
 that reads a checkpoint (train --resume/--init-from, eval, generate, serve, qa) goes
 through `load_checkpoint` so both kinds work everywhere.
 """
@@ -34,8 +34,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> Retro:
     """Load a retrolm model dir, including retro-fitted Hugging Face GPT-2 models."""
-    from retrolm.hf_gpt2 import is_gpt2_retro_config, load_gpt2_retro
     from retrolm.model.checkpoint import load_model
+    from retrolm.retrofit.hf_gpt2 import is_gpt2_retro_config, load_gpt2_retro
 
     directory = resolve_checkpoint_dir(path)
     config = RetroConfig.load_json(directory / "config.json")

@@ -1,4 +1,4 @@
-"""HTTP server: an OpenAI-compatible subset over `retrolm.generate` (FastAPI).
+"""HTTP server: an OpenAI-compatible subset over `retrolm.generation.decode` (FastAPI).
 
 - `POST /v1/completions`: prompt, max_tokens, temperature (0 = greedy), top_p, top_k,
   repetition_penalty, stop, seed, stream (server-sent events `data: {...}\\n\\n`, ending
@@ -93,7 +93,7 @@ class Engine:
     @classmethod
     def load(cls, checkpoint: str | Path, db: str | Path | None = None, device: str = "cpu",
              speculative: bool = False) -> Engine:
-        from retrolm.generate import load_for_generation
+        from retrolm.generation.decode import load_for_generation
 
         model, tokenizer, database = load_for_generation(checkpoint, db, device=device)
         path = Path(checkpoint).resolve()
@@ -245,7 +245,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        from retrolm.generate import encode_prompt, generate
+        from retrolm.generation.decode import encode_prompt, generate
 
         req = await read_json(request, CompletionRequest)
         stops = _stop_list(req.stop)

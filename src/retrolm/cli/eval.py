@@ -37,7 +37,7 @@ def eval_command(
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
-    from retrolm.evaluate import content_gain, evaluate, to_markdown
+    from retrolm.evaluation.perplexity import content_gain, evaluate, to_markdown
     from retrolm.loading import resolve_checkpoint_dir
 
     if split not in ("valid", "test"):
@@ -48,10 +48,10 @@ def eval_command(
                       shuffled=not no_shuffled)  # fmt: skip
     if degeneration:
         try:
-            from retrolm.degeneration import evaluate_degeneration
+            from retrolm.evaluation.degeneration import evaluate_degeneration
         except ImportError as err:
             raise RetrolmError(
-                f"--degeneration needs retrolm.degeneration, which this installation lacks ({err})"
+                f"--degeneration needs retrolm.evaluation.degeneration, which this installation lacks ({err})"
             ) from None
         dirs = [resolve_checkpoint_dir(c) for c in checkpoint]
         result["degeneration"] = evaluate_degeneration(database, dirs, prompts, max_new_tokens=max_new_tokens,

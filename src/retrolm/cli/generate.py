@@ -63,7 +63,7 @@ def generate_command(
     """Generate text from prompts; RETRO retrieves from --db every chunk_size tokens."""
     import json
 
-    from retrolm.generate import generate, load_for_generation
+    from retrolm.generation.decode import generate, load_for_generation
 
     prompts = _read_prompts(prompt, prompt_file)
     if greedy and (temperature != 1.0 or top_k != 0 or top_p != 1.0):

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Any, Any, Any]:
     from retrolm.db.database import RetrievalDB
-    from retrolm.retrofit import load_checkpoint
+    from retrolm.retrofit.pipeline import load_checkpoint
 
     model = load_checkpoint(checkpoint, map_location=device).eval()
     if db is None:
@@ -42,7 +42,7 @@ def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Any, Any, Any
 
 
 def _items(data: str, subset: str, kind: str | None, limit: int | None, seed: int) -> list[Any]:
-    from retrolm.qa import load_items, select_items
+    from retrolm.qa.pipeline import load_items, select_items
 
     return select_items(load_items(data), subset=subset, kind=kind, limit=limit, seed=seed)
 
@@ -73,7 +73,7 @@ def qa_command(
     """Answer the questions of --data with --checkpoint in --mode; print EM and F1."""
     if ctx.invoked_subcommand is not None:
         return
-    from retrolm.qa import PassageSource, answer_items, score
+    from retrolm.qa.pipeline import PassageSource, answer_items, score
 
     if checkpoint is None or data is None:
         raise RetrolmError("retrolm qa needs --db, --checkpoint and --data (see retrolm qa --help)")
@@ -123,7 +123,7 @@ def finetune_command(
 
     from retrolm.atomic import write_json
     from retrolm.model.checkpoint import save_model
-    from retrolm.qa import PassageSource, finetune
+    from retrolm.qa.pipeline import PassageSource, finetune
 
     torch.manual_seed(seed)
     model, tokenizer, opened = _load(checkpoint, db, device)

@@ -60,8 +60,8 @@ def retrofit_command(
     import dataclasses
     import json
 
-    from retrolm.retrofit import retrofit
-    from retrolm.train import TrainConfig
+    from retrolm.retrofit.pipeline import retrofit
+    from retrolm.training.trainer import TrainConfig
 
     cfg = TrainConfig(
         seq_len=seq_len, batch_size=batch_size, tokens=tokens, minutes=minutes,

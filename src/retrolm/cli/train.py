@@ -63,7 +63,7 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
 ) -> None:
     """Train a RETRO model (or a GPT with --no-retrieval) on a retrieval database."""
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         seq_len=seq_len,

@@ -32,7 +32,7 @@ from retrolm.atomic import atomic_path
 from retrolm.errors import RetrolmError
 
 if TYPE_CHECKING:
-    from retrolm.corpus import Document
+    from retrolm.corpora.reader import Document
 
 DOCS_PER_ENTITY = 3
 DEFAULT_N_ENTITIES = 1200
@@ -233,8 +233,8 @@ def raw_documents(
 def documents(
     seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES, db_only_share: float = DEFAULT_DB_ONLY_SHARE
 ) -> list[Document]:
-    """The corpus as `retrolm.corpus.Document`s (db_only entities flagged db_only=True)."""
-    from retrolm.corpus import Document
+    """The corpus as `retrolm.corpora.reader.Document`s (db_only entities flagged db_only=True)."""
+    from retrolm.corpora.reader import Document
 
     return [
         Document(doc_id=d, text=t, title=title, db_only=flag)

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from retrolm.corpus import Document
+from retrolm.corpora.reader import Document
 
 # (import name, distribution name), in the order documents are emitted.
 PACKAGES: tuple[tuple[str, str], ...] = (

@@ -13,7 +13,7 @@ import sysconfig
 import warnings
 from pathlib import Path
 
-from retrolm.corpus import Document
+from retrolm.corpora.reader import Document
 
 SKIP_PARTS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "site-packages", "dist-packages",
               "__pycache__", "lib2to3", "ensurepip", "venv", "__phello__"}

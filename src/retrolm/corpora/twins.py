@@ -28,7 +28,7 @@ import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrolm.corpus import Document
+    from retrolm.corpora.reader import Document
 
 DEFAULT_STORIES = 3000
 DEFAULT_WORDS = 100
@@ -100,7 +100,7 @@ def documents(
     seed: int = 0,
 ) -> list[Document]:
     """Stories (LM data, split by id) and their db_only twins, in a seeded shuffled order."""
-    from retrolm.corpus import Document
+    from retrolm.corpora.reader import Document
 
     docs = []
     for i, (story, twin) in enumerate(story_pairs(n_stories, words_per_story, noise, vocab_size, seed)):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from retrolm.atomic import atomic_path, sha256_file, write_json
-from retrolm.corpus import SPLITS, dedup_exact, dedup_near, read_corpus, split_of
+from retrolm.corpora.reader import SPLITS, dedup_exact, dedup_near, read_corpus, split_of
 from retrolm.db.chunks import ChunkStore, TokenStream, make_chunks, token_dtype
 from retrolm.errors import RetrolmError
 from retrolm.tokenizer import Tokenizer

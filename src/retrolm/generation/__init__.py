@@ -1,4 +1,4 @@
 """Generation internals: next-token choice, online retrieval, speculative drafting.
 
-The public entry point is `retrolm.generate.generate`; these modules are its parts.
+The public entry point is `retrolm.generation.decode.generate`; these modules are its parts.
 """

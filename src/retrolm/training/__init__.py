@@ -1,4 +1,4 @@
-"""Pieces of the trainer, one job per module; `retrolm.train` puts them together.
+"""Pieces of the trainer, one job per module; `retrolm.training.trainer` puts them together.
 
 - `schedule`: learning-rate schedule (warm-up, cosine decay to a floor, re-warm)
 - `budget`: turns a --minutes budget into a step count

@@ -12,7 +12,7 @@ ordinary Retro ones (rotary positions inside chunk and neighbour).
 
 The checkpoint is an ordinary retrolm model directory; `config.extra["decoder"] ==
 "hf-gpt2"` and `config.extra["hf_config"]` (the source config.json) say how to rebuild
-it. Load it with `load_gpt2_retro` (or `retrolm.retrofit.load_checkpoint`, which
+it. Load it with `load_gpt2_retro` (or `retrolm.retrofit.pipeline.load_checkpoint`, which
 dispatches).
 """
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from retrolm.errors import RetrolmError
-from retrolm.metrics import (
+from retrolm.evaluation.metrics import (
     DEFAULT_ALPHAS,
     batch_longest_common_substring,
     bits_per_byte,
@@ -114,7 +114,7 @@ class EvalData:
 
 def prepare(db: Any, split: str, seq_len: int, k: int, max_sequences: int | None = None) -> EvalData:
     """Cut `split` into sequences and compute what every model's evaluation shares."""
-    from retrolm.data import first_k_valid
+    from retrolm.db.dataset import first_k_valid
 
     if split not in db.splits:
         raise RetrolmError(f"database {db.path} has no split {split!r}; choose one of {list(db.splits)}")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from retrolm.errors import RetrolmError
-from retrolm.qa_data import (
+from retrolm.qa.data import (
     Passage,
     QAItem,
     rag_prompt,
@@ -211,7 +211,7 @@ def answer_examples(
 
     Examples of equal prompt length run as one batch (the step API keeps rows aligned).
     """
-    from retrolm.generate import StopChecker, decode_tokens
+    from retrolm.generation.decode import StopChecker, decode_tokens
     from retrolm.generation.sampling import SamplingParams
 
     params = SamplingParams(greedy=True)
@@ -337,7 +337,7 @@ def answer_items(
 
 def score(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """EM and F1 (percent) overall and per `kind` (when the items have one)."""
-    from retrolm.metrics import exact_match, f1_score
+    from retrolm.evaluation.metrics import exact_match, f1_score
 
     for rec in records:
         rec["em"] = exact_match(rec["prediction"], rec["answers"])
@@ -363,7 +363,7 @@ def score(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def load_items(spec: str | Path, work_dir: Path | None = None) -> list[QAItem]:
     """A QA JSONL file, or `builtin:facts` (the facts corpus's QA pairs, default seed)."""
-    from retrolm.qa_data import load_qa_jsonl
+    from retrolm.qa.data import load_qa_jsonl
 
     if str(spec) == "builtin:facts":
         import tempfile

@@ -1,7 +1,7 @@
 """Retro-fitting: turn a trained GPT into a RETRO and train the new parts (SPEC §3).
 
 Sources: a retrolm GPT checkpoint directory (or a run directory holding `final/`), or a
-local Hugging Face GPT-2-family directory (wrapped, see `retrolm.hf_gpt2`). The new
+local Hugging Face GPT-2-family directory (wrapped, see `retrolm.retrofit.hf_gpt2`). The new
 model keeps every decoder weight and adds a randomly initialised neighbour encoder and
 CCA layers. Each CCA output projection starts at zero, so right after retro-fitting the
 model is the source GPT whether retrieval is on or off; training moves it away.
@@ -79,7 +79,7 @@ def build_retrofit(
         model = _retrofit_retrolm(src, vocab_size, chunk_size, cca_layers, enc_layers,
                                   enc_d_model, enc_heads, n_neighbors)  # fmt: skip
     else:
-        from retrolm.hf_gpt2 import (
+        from retrolm.retrofit.hf_gpt2 import (
             GPT2Retro,
             copy_hf_weights,
             gpt2_retro_config,
@@ -199,7 +199,7 @@ def split_perplexity(
     batch_size: int = 8,
 ) -> float:
     """Token perplexity of `model` on the first `max_sequences` sequences of `split`."""
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     config = model.config
     seq_len = seq_len or min(int(config.max_seq_len), 4 * int(config.chunk_size))
@@ -226,7 +226,7 @@ def split_perplexity(
 
 def _gpt_perplexity(src: nn.Module, db: Any, seq_len: int, max_sequences: int) -> float:
     """Perplexity of an HF causal LM (the untouched source) on the same valid sequences."""
-    from retrolm.data import RetroDataset
+    from retrolm.db.dataset import RetroDataset
 
     data = RetroDataset(db, "valid", seq_len, retrieval=False)
     n = min(len(data), max_sequences)
@@ -267,7 +267,7 @@ def retrofit(
     """
     from retrolm.db.database import RetrievalDB
     from retrolm.model.checkpoint import save_model
-    from retrolm.train import TrainConfig, train
+    from retrolm.training.trainer import TrainConfig, train
 
     cfg = train_config or TrainConfig()
     out = Path(out_dir)

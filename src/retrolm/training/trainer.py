@@ -79,7 +79,7 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
     rewarm: bool = False  # re-warm from the floor even without init_from (a retro-fitted module)
-    replay_share: float = 0.0  # share of sequences replayed without neighbours (retrolm.replay)
+    replay_share: float = 0.0  # share of sequences replayed without neighbours (retrolm.training.replay)
     # Share of training sequences fed another sequence's neighbours (the next one in the
     # micro-batch), so the model learns to ignore neighbours that do not match its text.
     wrong_neighbour_share: float = 0.0
@@ -208,7 +208,7 @@ class _Run:
     """State of one training run; `run()` is the loop."""
 
     def __init__(self, db_path: Path, model: Any, out_dir: Path, cfg: TrainConfig, dist: Any):
-        from retrolm.data import ResumableBatchSampler, RetroDataset
+        from retrolm.db.dataset import ResumableBatchSampler, RetroDataset
 
         self.cfg, self.dist, self.out_dir = cfg, dist, out_dir
         self.db = _open_database(db_path)
@@ -417,7 +417,7 @@ class _Run:
                 ckpt.copy_as_final(self.latest, final_dir)  # killed between the two writes
             distributed.barrier(dist)
             return final_dir
-        from retrolm.data import make_loader
+        from retrolm.db.dataset import make_loader
 
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,8 +482,8 @@ class _Run:
 
 def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
     """Mix `cfg.replay_share` neighbour-free LM sequences (of `replay_db`, else this database)."""
-    from retrolm.data import RetroDataset
-    from retrolm.replay import ReplayDataset
+    from retrolm.db.dataset import RetroDataset
+    from retrolm.training.replay import ReplayDataset
 
     source = _open_database(Path(cfg.replay_db)) if cfg.replay_db else dataset.db
     if source.vocab_size != dataset.db.vocab_size:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from retrolm.errors import RetrolmError
-from retrolm.metrics import distinct_n, mean_length, repetition_rate
+from retrolm.evaluation.metrics import distinct_n, mean_length, repetition_rate
 
 
 def held_out_prompts(
@@ -71,7 +71,7 @@ def evaluate_degeneration(
     ids per prompt with `return_generations`)]}.
     """
     from retrolm.db.database import RetrievalDB
-    from retrolm.generate import check_compatible, generate
+    from retrolm.generation.decode import check_compatible, generate
     from retrolm.loading import load_checkpoint
 
     if n_prompts < 1:

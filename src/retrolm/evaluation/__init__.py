@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity and bits-per-byte with controls, degeneration, metrics."""
