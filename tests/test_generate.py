@@ -397,3 +397,24 @@ def test_cli_streams_and_ctrl_c_keeps_what_was_printed(checkpoints, tmp_path):
     assert out.startswith(b"The otter") and len(out) >= len(b"The otter") + 20
     assert out.endswith(b"\n")  # the interrupted line is ended
     assert b"interrupted" in err
+
+
+def test_bench_generate_reports_step_time_growth(checkpoints, tiny_db_path, capsys):
+    """bench_generate's decode_step_growth record: ms/token at two lengths and their ratio."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setup = {"db": str(tiny_db_path), "retro": str(checkpoints["retro"]), "gpt": str(checkpoints["gpt"])}
+    bench.bench_step_growth(setup, argparse.Namespace(prompt_tokens=16, device="cpu"), lengths=(8, 40),
+                            window=4)  # fmt: skip
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in records] == ["retro", "gpt"]
+    for r in records:
+        assert r["bench"] == "decode_step_growth" and r["ms_per_token_at_8"] > 0
+        assert r["ratio_40_over_8"] == pytest.approx(r["ms_per_token_at_40"] / r["ms_per_token_at_8"], rel=0.01)
+    assert records[0]["retrieval_seconds"] > 0 and records[1]["retrieval_seconds"] == 0
