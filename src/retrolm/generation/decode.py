@@ -37,8 +37,8 @@ from retrolm.generation.retrieval import ChunkRetrieval, OnlineRetriever
 from retrolm.generation.sampling import SamplingParams, choose_next
 from retrolm.generation.speculative import decode_speculative
 
-# The KV cache grows with the text and nothing is printed until tokens come; beyond this a
-# request is a typo (100000000), not a plan. At ~100-300 tokens/s on a CPU this is minutes.
+# Beyond this a request is most likely a typo (100000000), not a plan: at ~30-300 tokens/s
+# on a CPU, 16384 tokens already take minutes, and the KV cache grows with the text.
 MAX_NEW_TOKENS = 16384
 
 
