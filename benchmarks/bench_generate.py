@@ -3,7 +3,8 @@
     python benchmarks/bench_generate.py [--db DIR] [--retro-checkpoint DIR] [--gpt-checkpoint DIR]
         [--prompts 8] [--prompt-tokens 64] [--max-new-tokens 128] [--threads N] [--serve-load]
 
-Prints JSON lines. Prompts are the starts of held-out (test split) documents. Defaults:
+Prints JSON lines (including "decode_step_growth": KV-cached ms/token at 128 vs 1,024
+generated tokens and their ratio). Prompts are the starts of held-out (test split) documents. Defaults:
 the demo's database and checkpoints (runs/demo/db, runs/demo/**/final); else the
 builtin:pydocs database at runs/pydocs-db; else it builds runs/bench-gen/db from
 builtin:pydocs and trains tiny RETRO and GPT models for --train-minutes each in
@@ -137,6 +138,43 @@ def bench_decoding(setup: dict, args) -> None:
           "retro_search_share": round(r["retrieval_s"] / r["seconds"], 3)})
 
 
+def bench_step_growth(setup: dict, args, lengths: tuple[int, int] = (128, 1024), window: int = 32) -> None:
+    """KV-cached decode time per token at 128 vs 1,024 generated tokens (how the step cost grows).
+
+    Feeds one token per `Retro.step` (argmax, whatever it is: EOS does not stop a timing run)
+    after one held-out prompt, with online retrieval for RETRO; ms/token is the mean of the
+    `window` steps ending at each length.
+    """
+    import torch
+
+    from retrolm.db.database import RetrievalDB
+    from retrolm.evaluation.degeneration import held_out_prompts
+    from retrolm.generation.retrieval import OnlineRetriever
+    from retrolm.model.checkpoint import load_model
+
+    db = RetrievalDB.open(setup["db"], verify=False)
+    prompt = held_out_prompts(db, 1, args.prompt_tokens, seed=0)[0]
+    short, long = lengths
+    for kind in ("retro", "gpt"):
+        model = load_model(setup[kind], map_location=args.device).eval()
+        device = next(model.parameters()).device
+        retriever = OnlineRetriever(db, model.config.n_neighbors, 1, device) if kind == "retro" else None
+        logits, cache = model.step(torch.tensor([prompt], device=device), None, retriever)
+        times = []
+        for _ in range(long):
+            t0 = time.perf_counter()
+            logits, cache = model.step(logits[:, -1:].argmax(-1), cache, retriever)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        at = {n: 1000 * statistics.mean(times[n - window : n]) for n in lengths}
+        emit({"bench": "decode_step_growth", "model": kind, "checkpoint": setup[kind],
+              "prompt_tokens": len(prompt), "window": window,
+              f"ms_per_token_at_{short}": round(at[short], 3), f"ms_per_token_at_{long}": round(at[long], 3),
+              f"ratio_{long}_over_{short}": round(at[long] / at[short], 3),
+              "retrieval_seconds": round(retriever.seconds, 3) if retriever is not None else 0.0})
+
+
 def bench_serve_load(setup: dict, args) -> None:
     import socket
     from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
           "python": sys.version.split()[0], "torch": torch.__version__})
     if not args.skip_decode:
         bench_decoding(setup, args)
+        bench_step_growth(setup, args)
     if args.serve_load:
         bench_serve_load(setup, args)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from retrolm.errors import RetrolmError
-from retrolm.generation.decode import generate, load_for_generation
+from retrolm.generation.decode import MAX_NEW_TOKENS, TextStream, generate, load_for_generation
 from retrolm.generation.retrieval import OnlineRetriever
-from retrolm.generation.sampling import apply_repetition_penalty
+from retrolm.generation.sampling import SamplingParams, apply_repetition_penalty
 from retrolm.model.checkpoint import save_model
 from retrolm.model.config import RetroConfig
 from retrolm.model.retro import Retro
@@ -185,9 +185,9 @@ def test_bad_arguments(tiny_db):
     with pytest.raises(RetrolmError, match="--db"):
         generate(model, tok, "hi", greedy=True)
     with pytest.raises(RetrolmError, match="temperature"):
-        generate(model, tok, "hi", db=tiny_db, temperature=0.0)
-    with pytest.raises(RetrolmError, match="greedy"):
-        generate(model, tok, "hi", db=tiny_db, speculative=True)
+        generate(model, tok, "hi", db=tiny_db, temperature=-0.5)
+    with pytest.raises(RetrolmError, match="max_new_tokens"):
+        generate(model, tok, "hi", db=tiny_db, max_new_tokens=MAX_NEW_TOKENS + 1)
     other = tiny_model(tiny_db.vocab_size + 8, retro=True)
     with pytest.raises(RetrolmError, match="vocab"):
         generate(other, tok, "hi", db=tiny_db, greedy=True)
@@ -218,7 +218,9 @@ def run_cli(argv, capsys):
     return code, out.out, out.err
 
 
-def test_cli_generate_retro_json_and_show_retrieval(checkpoints, tiny_db_path, capsys, tmp_path):
+def test_cli_generate_retro_json_and_show_retrieval(checkpoints, tiny_db_path, capsys, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
     code, out, err = run_cli(["generate", "--checkpoint", str(checkpoints["retro"]), "--db", str(tiny_db_path),
@@ -234,6 +236,15 @@ def test_cli_generate_retro_json_and_show_retrieval(checkpoints, tiny_db_path, c
     assert code == 0, err
     assert out.startswith(PROMPTS[3]) and "[chunk 0] query:" in out and "score" in out
     assert "mean accepted draft" in err
+    # readable: one line per field, whitespace collapsed, no Python reprs, cut to the width
+    report = out[out.index("[chunk 0]") :].splitlines()
+    assert all(len(line) <= 80 for line in report)
+    assert not any("\\n" in line or "  " in line.strip() for line in report)
+    assert any(line.startswith("  1. doc ") and ", score " in line for line in report)
+    assert sum(line.startswith("     text: ") for line in report) == sum(
+        line.startswith("     next: ") for line in report) > 0
+    # opening the dense database loads the MiniLM encoder without a progress bar
+    assert "Loading weights" not in err and "it/s" not in err
 
 
 def test_cli_generate_gpt_without_db(checkpoints, capsys):
@@ -251,7 +262,9 @@ def test_cli_generate_gpt_without_db(checkpoints, capsys):
         ("missing_ckpt", "does not exist"),
         ("missing_db", "does not exist"),
         ("missing_prompt_file", "not found"),
-        ("sampling_speculative", "--greedy only"),
+        ("greedy_and_sampling", "--greedy takes no"),
+        ("too_many_tokens", "--max-new-tokens 100000000 must be in [0, 16384]"),
+        ("negative_temperature", "temperature -1.0 must be >= 0"),
     ],
 )
 def test_cli_generate_errors_one_line_exit_2(case, match, checkpoints, tiny_db_path, capsys, tmp_path):
@@ -263,7 +276,10 @@ def test_cli_generate_errors_one_line_exit_2(case, match, checkpoints, tiny_db_p
         "missing_db": ["--checkpoint", str(checkpoints["retro"]), "--db", str(tmp_path / "nodb")],
         "missing_prompt_file": ["generate", "--checkpoint", str(checkpoints["gpt"]),
                                 "--prompt-file", str(tmp_path / "p.txt")],
-        "sampling_speculative": ["--checkpoint", str(checkpoints["gpt"]), "--speculative"],
+        "greedy_and_sampling": ["--checkpoint", str(checkpoints["gpt"]), "--greedy", "--top-k", "5"],
+        "too_many_tokens": ["generate", "--checkpoint", str(checkpoints["gpt"]), "--prompt", "x",
+                            "--max-new-tokens", "100000000"],
+        "negative_temperature": ["--checkpoint", str(checkpoints["gpt"]), "--temperature", "-1"],
     }[case]
     argv = args if args[0] == "generate" else base + args
     code, out, err = run_cli(argv, capsys)
@@ -281,3 +297,124 @@ def test_load_for_generation_refuses_other_tokenizer(checkpoints, tiny_db, tmp_p
     (ckpt / "trainer_state.json").write_text(json.dumps({"database": str(fake_db)}))
     with pytest.raises(RetrolmError, match="tokenizer mismatch"):
         load_for_generation(ckpt, tiny_db.path)
+
+
+def test_temperature_zero_is_greedy(tiny_db):
+    model = tiny_model(tiny_db.vocab_size, retro=False, seed=1)
+    tok = tiny_db.tokenizer
+    assert SamplingParams(temperature=0.0).is_greedy and not SamplingParams(temperature=0.1).is_greedy
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=15, greedy=True)
+    zero = generate(model, tok, PROMPTS, max_new_tokens=15, temperature=0.0, top_p=0.5, seed=9)
+    sampled = generate(model, tok, PROMPTS, max_new_tokens=15, temperature=1.0, seed=9)
+    assert [r.token_ids for r in zero] == [r.token_ids for r in greedy]
+    assert [r.token_ids for r in sampled] != [r.token_ids for r in greedy]
+
+
+def test_cli_temperature_zero_equals_greedy(checkpoints, capsys):
+    base = ["generate", "--checkpoint", str(checkpoints["gpt"]), "--prompt", PROMPTS[1],
+            "--max-new-tokens", "10", "--json"]
+    code, greedy, err = run_cli([*base, "--greedy"], capsys)
+    assert code == 0, err
+    code, zero, err = run_cli([*base, "--temperature", "0", "--seed", "4"], capsys)
+    assert code == 0, err
+    assert json.loads(zero)["token_ids"] == json.loads(greedy)["token_ids"]
+
+
+def test_short_prompt_says_when_nothing_was_retrieved(tiny_db):
+    model = tiny_model(tiny_db.vocab_size, retro=True)
+    tok, m = tiny_db.tokenizer, tiny_db.chunk_size
+    p = len(tok.encode(PROMPTS[2]))
+    assert p < m
+    kw = dict(db=tiny_db, greedy=True, return_retrieval=True)
+    # the last new token is never fed, so m - p new tokens leave chunk 0 incomplete
+    none = generate(model, tok, PROMPTS[2], max_new_tokens=m - p, **kw)[0]
+    assert none.finish_reason == "length" and none.retrieval == []
+    assert none.retrieval_note.startswith("nothing retrieved") and f"{m}-token chunk" in none.retrieval_note
+    late = generate(model, tok, PROMPTS[2], max_new_tokens=m - p + 4, **kw)[0]
+    assert [r.chunk_index for r in late.retrieval] == [0]
+    assert f"the first {m - p} new tokens were generated without neighbours" in late.retrieval_note
+    long = generate(model, tok, PROMPTS[3], max_new_tokens=4, **kw)[0]
+    assert long.retrieval and long.retrieval_note == ""
+    gpt = tiny_model(tiny_db.vocab_size, retro=False)
+    assert generate(gpt, tok, PROMPTS[2], max_new_tokens=3, greedy=True)[0].retrieval_note == ""
+
+
+def test_cli_short_prompt_note(checkpoints, tiny_db_path, capsys):
+    code, out, err = run_cli(["generate", "--checkpoint", str(checkpoints["retro"]), "--db", str(tiny_db_path),
+                              "--prompt", PROMPTS[2], "--max-new-tokens", "2", "--greedy",
+                              "--show-retrieval"], capsys)
+    assert code == 0, err
+    assert "[retrieval] nothing retrieved" in out
+    assert "note: nothing retrieved" in err
+
+
+def test_text_stream_never_splits_a_character_or_leaks_a_stop_string(tiny_db):
+    tok = tiny_db.tokenizer
+    text = " The café sells naïve otters 🦦 at dawn. STOP here 🦦 again"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # byte-level: multibyte characters span several tokens
+    for stop in (None, ["STOP"], ["🦦 a"]):
+        stream = TextStream(tok, stop)
+        pieces = [stream.piece(ids[: n + 1]) for n in range(len(ids))]
+        final = text if stop is None else text[: text.find(stop[0])]
+        pieces.append(stream.finish(final))
+        assert "".join(pieces) == final
+        assert not any("\ufffd" in piece for piece in pieces)
+        if stop:  # nothing printed past where the stop string starts, even transiently
+            assert "".join(pieces[:-1]) == final[: len("".join(pieces[:-1]))]
+
+
+def test_cli_streams_and_ctrl_c_keeps_what_was_printed(checkpoints, tmp_path):
+    """A huge generation prints as it goes; SIGINT stops it with exit 130, output kept."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrolm", "generate", "--checkpoint", str(checkpoints["gpt"]),
+         "--prompt", "The otter", "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while len(out) < len(b"The otter") + 20 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                out += os.read(proc.stdout.fileno(), 4096)
+        assert proc.poll() is None, "generation ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out += rest
+    assert proc.returncode == 130, err.decode()
+    assert out.startswith(b"The otter") and len(out) >= len(b"The otter") + 20
+    assert out.endswith(b"\n")  # the interrupted line is ended
+    assert b"interrupted" in err
+
+
+def test_bench_generate_reports_step_time_growth(checkpoints, tiny_db_path, capsys):
+    """bench_generate's decode_step_growth record: ms/token at two lengths and their ratio."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setup = {"db": str(tiny_db_path), "retro": str(checkpoints["retro"]), "gpt": str(checkpoints["gpt"])}
+    bench.bench_step_growth(setup, argparse.Namespace(prompt_tokens=16, device="cpu"), lengths=(8, 40),
+                            window=4)  # fmt: skip
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in records] == ["retro", "gpt"]
+    for r in records:
+        assert r["bench"] == "decode_step_growth" and r["ms_per_token_at_8"] > 0
+        assert r["ratio_40_over_8"] == pytest.approx(r["ms_per_token_at_40"] / r["ms_per_token_at_8"], rel=0.01)
+    assert records[0]["retrieval_seconds"] > 0 and records[1]["retrieval_seconds"] == 0

@@ -47,7 +47,13 @@ _register_all()
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a `RetrolmError` becomes one line on stderr and a non-zero exit."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            # non-standalone Typer returns exit codes instead of exiting: Ctrl-C inside a
+            # command comes back as 130 here
+            if code == 130:
+                print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except RetrolmError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,6 +33,47 @@ def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return prompts
 
 
+def one_line(text: str, width: int) -> str:
+    """`text` with every whitespace run collapsed to one space, cut to `width` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: max(0, width - 3)] + "..."
+
+
+def show_retrieval(res: Any, width: int) -> None:
+    """Per completed chunk: the query, then each neighbour's doc id, score and text, one line each."""
+    if res.retrieval_note and not res.retrieval:
+        typer.echo(f"[retrieval] {res.retrieval_note}")
+    for rec in res.retrieval:
+        typer.echo(one_line(f"[chunk {rec.chunk_index}] query: {rec.query}", width))
+        for j, nb in enumerate(rec.neighbours):
+            typer.echo(f"  {j + 1}. doc {nb['doc_id']}, chunk {nb['chunk_id']}, score {nb['score']:.3f}")
+            typer.echo("     text: " + one_line(nb["text"], width - 11))
+            typer.echo("     next: " + one_line(nb["continuation"], width - 11))
+        if not rec.neighbours:
+            typer.echo("  (no neighbours)")
+
+
+def _stream_one(run: Callable[..., Any], tokenizer: Any, prompt: str, stop: list[str] | None) -> Any:
+    """Print `prompt`, then the continuation as tokens come; return the GenerationResult."""
+    from retrolm.generation.decode import TextStream
+
+    stream = TextStream(tokenizer, stop)
+    typer.echo(prompt, nl=False)
+
+    def on_step(_: int, ids: list[int]) -> None:
+        piece = stream.piece(ids)
+        if piece:
+            typer.echo(piece, nl=False)
+
+    try:
+        res = run(on_step)
+    except KeyboardInterrupt:
+        typer.echo("")  # what was printed stays printed; end the line
+        raise
+    typer.echo(stream.finish(res.text))
+    return res
+
+
 def generate_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Model directory (e.g. <run>/final)."),
     db: Path | None = typer.Option(
@@ -40,9 +83,13 @@ def generate_command(
     prompt_file: Path | None = typer.Option(
         None, "--prompt-file", help="Text file, one prompt per non-empty line."
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="New tokens per prompt."),
+    max_new_tokens: int = typer.Option(
+        64, "--max-new-tokens", help="New tokens per prompt (at most 16384)."
+    ),
     greedy: bool = typer.Option(False, "--greedy", help="Argmax decoding (no sampling)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    temperature: float = typer.Option(
+        1.0, "--temperature", help="Sampling temperature (0 = greedy)."
+    ),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     repetition_penalty: float = typer.Option(
@@ -51,51 +98,61 @@ def generate_command(
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (prompt i uses seed + i)."),
     speculative: bool = typer.Option(
-        False, "--speculative", help="Retrieval-draft speculative decoding (greedy only; exact)."
-    ),
+        False, "--speculative",
+        help="Retrieval-draft speculative decoding (lossless: same output distribution).",
+    ),  # fmt: skip
     k: int | None = typer.Option(None, "--k", help="Neighbours per chunk (default: the model's)."),
-    show_retrieval: bool = typer.Option(
+    show_retrieval_flag: bool = typer.Option(
         False, "--show-retrieval", help="Print what was retrieved for each chunk."
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Generate text from prompts; RETRO retrieves from --db every chunk_size tokens."""
-    import json
+    """Generate text from prompts; RETRO retrieves from --db every chunk_size tokens.
 
-    from retrolm.generation.decode import generate, load_for_generation
+    Text output streams as tokens are produced; --json prints one object per prompt at the end.
+    """
+    import json
+    import shutil
+
+    from retrolm.generation.decode import MAX_NEW_TOKENS, generate, load_for_generation
 
     prompts = _read_prompts(prompt, prompt_file)
-    if greedy and (temperature != 1.0 or top_k != 0 or top_p != 1.0):
+    if greedy and (temperature not in (0.0, 1.0) or top_k != 0 or top_p != 1.0):
         raise RetrolmError("--greedy takes no --temperature/--top-k/--top-p; drop one or the other")
-    if speculative and not greedy:
-        raise RetrolmError("--speculative works with --greedy only (it is exact for greedy decoding)")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise RetrolmError(
+            f"--max-new-tokens {max_new_tokens} must be in [0, {MAX_NEW_TOKENS}]; "
+            "for longer text, continue from the output in another call"
+        )
     model, tokenizer, database = load_for_generation(checkpoint, db, device=device)
-    results = generate(
-        model, tokenizer, prompts, db=database, max_new_tokens=max_new_tokens, greedy=greedy,
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        stop=stop or None, seed=seed, speculative=speculative, k=k, return_retrieval=show_retrieval,
+    kw = dict(
+        db=database, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or None,
+        speculative=speculative, k=k, return_retrieval=show_retrieval_flag,
     )  # fmt: skip
-    for i, res in enumerate(results):
-        if as_json:
+    if as_json:
+        for res in generate(model, tokenizer, prompts, seed=seed, **kw):
             out = res.to_dict()
-            if not show_retrieval:
+            if not show_retrieval_flag:
                 out.pop("retrieval")
             typer.echo(json.dumps(out, ensure_ascii=False))
-            continue
+        return
+    width = max(40, shutil.get_terminal_size((100, 24)).columns)
+    for i, text in enumerate(prompts):
         if i:
             typer.echo("-" * 40)
-        typer.echo(res.prompt + res.text)
-        if show_retrieval:
-            for rec in res.retrieval:
-                typer.echo(f"[chunk {rec.chunk_index}] query: {rec.query!r}")
-                for j, nb in enumerate(rec.neighbours):
-                    typer.echo(
-                        f"  {j + 1}. chunk {nb['chunk_id']} ({nb['doc_id']}, score {nb['score']:.3f}): "
-                        f"{nb['text']!r} -> {nb['continuation']!r}"
-                    )
-                if not rec.neighbours:
-                    typer.echo("  (no neighbours)")
+        # one prompt at a time, so its text can stream; prompt i still samples with seed + i
+        res = _stream_one(
+            lambda on_step, text=text, i=i: generate(
+                model, tokenizer, text, seed=seed + i, on_step=on_step, **kw
+            )[0],
+            tokenizer, text, stop,
+        )  # fmt: skip
+        if show_retrieval_flag:
+            show_retrieval(res, width)
+        if res.retrieval_note:
+            typer.echo(f"note: {res.retrieval_note}", err=True)
         stats = res.stats
         line = (
             f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "

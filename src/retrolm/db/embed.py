@@ -52,11 +52,18 @@ class Embedder:
             raise RetrolmError(
                 f"encoder directory {path} has no config.json; pass a local HF encoder directory"
             )
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights 103/103" bar on every open
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise RetrolmError(f"cannot load encoder from {path}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -9,8 +9,13 @@
   group of equal-length prompts is decoded as one batch (no padding, no attention mask).
   Prompts of other lengths run in their own groups. Speculative decoding runs one
   prompt at a time (each row would accept a different number of tokens).
-- Length: unlimited. Positions past the model's `max_seq_len` keep counting (rotary
-  extrapolation, see docs/model.md); the cache grows with the text.
+- Short prompts: a RETRO model reads neighbours from position m-1 on (the first m-1
+  tokens of any text attend to nothing, as in training), so with a prompt shorter than
+  one chunk the first new tokens are generated without retrieval; `retrieval_note` says
+  so (and that nothing was retrieved at all when no chunk was ever completed).
+- Length: at most MAX_NEW_TOKENS new tokens per call. Positions past the model's
+  `max_seq_len` keep counting (rotary extrapolation, see docs/model.md); the cache
+  grows with the text.
 - Seeds: prompt i of a call samples with its own generator seeded `seed + i`, so a
   result does not depend on which other prompts share its batch.
 - Stop: EOS ends a generation; so does any stop string (the text is cut before it).
@@ -30,7 +35,11 @@ import torch
 from retrolm.errors import RetrolmError
 from retrolm.generation.retrieval import ChunkRetrieval, OnlineRetriever
 from retrolm.generation.sampling import SamplingParams, choose_next
-from retrolm.generation.speculative import DraftBudget, propose_draft
+from retrolm.generation.speculative import decode_speculative
+
+# Beyond this a request is most likely a typo (100000000), not a plan: at ~30-300 tokens/s
+# on a CPU, 16384 tokens already take minutes, and the KV cache grows with the text.
+MAX_NEW_TOKENS = 16384
 
 
 @dataclass
@@ -44,6 +53,8 @@ class GenerationResult:
     finish_reason: str  # "length" | "stop" | "eos"
     retrieval: list[ChunkRetrieval] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # RETRO only: why some or all new tokens were generated without neighbours ("" = none were)
+    retrieval_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +108,57 @@ class StopChecker:
         return text
 
 
+class TextStream:
+    """Printable pieces of one row's growing text, for streaming output.
+
+    A piece never ends inside a UTF-8 character (the byte-level tokenizer decodes a
+    partial one as U+FFFD) and never holds text a stop string might still cut; `finish`
+    returns the rest of the final text. Text is committed whenever nothing is held back,
+    so each call decodes only the tokens after the last commit (no quadratic cost).
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.sent = ""  # everything returned so far
+        self.base = 0  # tokens [0, base) are fully in `committed`
+        self.committed = ""
+
+    def _safe(self, text: str) -> tuple[str, bool]:
+        """(the part of `text` safe to print, whether it is all of `text`)."""
+        full = text
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        text = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        text = text[: len(text) - hold]
+        return text, text == full
+
+    def piece(self, token_ids: Sequence[int]) -> str:
+        """New printable text after `token_ids` (all new tokens so far) grew."""
+        tail = self.tokenizer.decode(list(token_ids[self.base :]))
+        safe, whole = self._safe(self.committed + tail)
+        if not safe.startswith(self.sent):
+            return ""
+        new, self.sent = safe[len(self.sent) :], safe
+        if whole:
+            self.base, self.committed = len(token_ids), safe
+        return new
+
+    def finish(self, final_text: str) -> str:
+        """What is left to print of the final text (stop strings already cut by the caller)."""
+        rest = final_text[len(self.sent) :] if final_text.startswith(self.sent) else ""
+        self.sent = final_text
+        return rest
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -124,20 +186,21 @@ def decode_tokens(
 ) -> Iterator[tuple[list[_Row], dict[str, Any]]]:
     """Decode one batch; yield (rows, stats) after every model step (rows grow in place).
 
-    The last yield has every row done. With `speculative`, B must be 1 and decoding greedy.
+    The last yield has every row done. With `speculative` (greedy or sampled), B must be 1;
+    the loop itself is `speculative.decode_speculative`.
     """
     B = len(prompt_ids)
     if B == 0 or any(len(p) != len(prompt_ids[0]) or not p for p in prompt_ids):
         raise RetrolmError("decode_tokens needs non-empty prompts of equal token length")
-    if speculative and (B != 1 or not params.greedy):
-        raise RetrolmError("speculative decoding needs one prompt at a time and greedy decoding")
+    if speculative and B != 1:
+        raise RetrolmError("speculative decoding needs one prompt at a time")
     device = _device_of(model)
     rows = [_Row(list(p)) for p in prompt_ids]
     stats: dict[str, Any] = {
         "model_steps": 0, "drafted": 0, "accepted": [], "accepted_from": {"neighbours": 0, "history": 0},
     }  # fmt: skip
     generators = None
-    if not params.greedy:
+    if not params.is_greedy:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     if checker.max_new_tokens <= 0:
         for row in rows:
@@ -147,60 +210,39 @@ def decode_tokens(
     logits, cache = model.step(torch.tensor(prompt_ids, device=device), None, retriever)
     stats["model_steps"] += 1
     nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)  # (B,)
-    if not speculative:
-        while True:
-            done = [checker.push(row, int(t)) for row, t in zip(rows, nxt.tolist(), strict=True)]
+    if speculative:
+        generator = generators[0] if generators else None
+        for _ in decode_speculative(model, rows[0], cache, int(nxt[0]), params, checker, retriever,
+                                    generator, draft_len, draft_history, stats):  # fmt: skip
             yield rows, stats
-            if all(done):
-                return
-            logits, cache = model.step(nxt[:, None], cache, retriever)
-            stats["model_steps"] += 1
-            nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)
-    row, m = rows[0], model.config.chunk_size
-    budget = DraftBudget(draft_len)
-    pending = int(nxt[0])
+        return
     while True:
-        if checker.push(row, pending):
-            yield rows, stats
-            return
-        start = len(cache)  # position of `pending`
-        room = checker.max_new_tokens - len(row.generated)
-        if retriever is not None:
-            # end the draft before the next chunk-completing position, so the only token
-            # that ever triggers a search is the certain `pending` one (no wasted searches)
-            boundary = start + (m - 1 - start % m) if start % m != m - 1 else start + m
-            room = min(room, boundary - start - 1)
-        context = row.prompt_ids + row.generated
-        # neighbours of the newest chunks complete before `pending` (the drafts continue them)
-        limits = {"neighbours": budget.limit("neighbours") if retriever else 0,
-                  "history": budget.limit("history") if draft_history else 0}  # fmt: skip
-        sources = retriever.neighbour_tokens(0, start // m - 1) if limits["neighbours"] else []
-        draft, origin = propose_draft(context, sources, min(draft_len, room),
-                                      use_history=limits["history"] > 0)  # fmt: skip
-        draft = draft[: limits[origin]] if draft else draft
-        feed = torch.tensor([[pending, *draft]], device=device)  # (1, 1 + d)
-        logits, cache = model.step(feed, cache, retriever)
-        stats["model_steps"] += 1
-        history = cache.token_history()  # (1, start + 1 + d)
-        accepted = 0
-        for i in range(len(draft) + 1):
-            pick = int(choose_next(logits[:, i], history[:, : start + i + 1], params, None)[0])
-            if i < len(draft) and pick == draft[i]:
-                accepted += 1
-                continue
-            pending = pick
-            break
-        if draft:
-            stats["drafted"] += len(draft)
-            stats["accepted"].append(accepted)
-            stats["accepted_from"][origin] += accepted
-            budget.update(origin, accepted)
-        cache.rollback(start + 1 + accepted)
-        for t in draft[:accepted]:
-            if checker.push(row, t):
-                yield rows, stats
-                return
+        done = [checker.push(row, int(t)) for row, t in zip(rows, nxt.tolist(), strict=True)]
         yield rows, stats
+        if all(done):
+            return
+        logits, cache = model.step(nxt[:, None], cache, retriever)
+        stats["model_steps"] += 1
+        nxt = choose_next(logits[:, -1], cache.token_history(), params, generators)
+
+
+def retrieval_note(row: _Row, m: int, retriever: OnlineRetriever, b: int) -> str:
+    """Why some or all of a RETRO row's new tokens were generated without neighbours ("" if none)."""
+    p, n = len(row.prompt_ids), len(row.generated)
+    found = [r for r in retriever.retrieval_of(b, row.prompt_ids + row.generated, False) if r.chunk_ids]
+    blind = min(n, max(0, m - p))  # new token j comes from position p-1+j; CCA starts at m-1
+    if not found and n:
+        return (
+            f"nothing retrieved: the prompt ({p} tokens) plus the {n} new tokens never completed "
+            f"a {m}-token chunk with neighbours, so no token read any; give a prompt of at least "
+            f"{m} tokens"
+        )
+    if blind:
+        return (
+            f"the prompt ({p} tokens) is shorter than one {m}-token chunk: the first {blind} new "
+            f"tokens were generated without neighbours (retrieval starts when a chunk is complete)"
+        )
+    return ""
 
 
 def _group_by_length(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -240,8 +282,9 @@ def generate(
     """Generate a continuation of each prompt (see the module docstring for the policies).
 
     RETRO models need `db` (a `RetrievalDB`); GPT models ignore it. `k` neighbours per
-    chunk (default: the model's training k). `speculative=True` requires `greedy=True`
-    and gives exactly the greedy output, faster. `prompt_ids` (token ids per prompt)
+    chunk (default: the model's training k). `temperature=0` means greedy.
+    `speculative=True` gives output distributed exactly as without it (greedy: the same
+    tokens), usually faster. `prompt_ids` (token ids per prompt)
     replaces tokenising `prompts`. `draft_history=False` drafts from neighbours only
     (for measuring them). `on_step(prompt_index, new_token_ids_so_far)` is called
     after each model step (streaming).
@@ -252,12 +295,13 @@ def generate(
         prompt_ids = [encode_prompt(tokenizer, p) for p in texts]
     elif len(prompt_ids) != len(texts):
         raise RetrolmError("prompt_ids must have one entry per prompt")
-    if max_new_tokens < 0:
-        raise RetrolmError(f"max_new_tokens {max_new_tokens} must be >= 0")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise RetrolmError(
+            f"max_new_tokens {max_new_tokens} must be in [0, {MAX_NEW_TOKENS}]; "
+            "for longer text, continue from the output in another call"
+        )
     params = SamplingParams(greedy, temperature, top_k, top_p, repetition_penalty)
     params.validate()
-    if speculative and not greedy:
-        raise RetrolmError("--speculative works with --greedy only (it is exact for greedy decoding)")
     retro = _is_retro(model)
     if retro and db is None:
         raise RetrolmError("this is a RETRO checkpoint: pass --db <database> for online retrieval")
@@ -299,6 +343,10 @@ def generate(
                     retrieval=(
                         retriever.retrieval_of(b, row.prompt_ids + row.generated, return_retrieval)
                         if retriever is not None else []
+                    ),
+                    retrieval_note=(
+                        retrieval_note(row, model.config.chunk_size, retriever, b)
+                        if retriever is not None else ""
                     ),
                     stats={
                         "new_tokens": len(row.generated),

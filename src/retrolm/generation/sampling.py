@@ -2,6 +2,8 @@
 
 Greedy decoding is argmax after the repetition penalty (so `--repetition-penalty` also
 applies to greedy and to speculative verification, which must pick the same tokens).
+Temperature 0 means greedy: the rule lives here (`SamplingParams.is_greedy`) so the CLI,
+the Python API and the server agree.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from retrolm.errors import RetrolmError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each token. `greedy=True` ignores temperature/top-k/top-p."""
+    """How to pick each token. Greedy (`greedy=True` or `temperature == 0`) ignores
+    temperature/top-k/top-p."""
 
     greedy: bool = False
     temperature: float = 1.0
@@ -24,9 +27,14 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off (CTRL-style, on prompt + generated tokens)
 
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: asked for, or temperature 0 (the limit of sampling as T -> 0)."""
+        return self.greedy or self.temperature == 0
+
     def validate(self) -> None:
-        if not self.greedy and not self.temperature > 0:
-            raise RetrolmError(f"temperature {self.temperature} must be > 0 (use --greedy for argmax)")
+        if not self.temperature >= 0:
+            raise RetrolmError(f"temperature {self.temperature} must be >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise RetrolmError(f"top_k {self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
@@ -63,6 +71,16 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def sampling_probs(logits: Tensor, history: Tensor, params: SamplingParams) -> Tensor:
+    """logits (B, V), history (B, n) -> the distribution sampling draws from (B, V) float32 on CPU.
+
+    Penalty, temperature, top-k, top-p: what plain sampling and speculative verification share.
+    """
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    return torch.softmax(logits, dim=-1).cpu()
+
+
 def choose_next(
     logits: Tensor,  # (B, V) float
     history: Tensor,  # (B, n) int64: tokens so far (prompt + generated), for the penalty
@@ -70,11 +88,9 @@ def choose_next(
     generators: list[torch.Generator] | None,
 ) -> Tensor:
     """The next token of each row (B,) int64; one torch.Generator per row when sampling."""
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
-    if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1).cpu()  # (B, V)
+    if params.is_greedy:
+        return apply_repetition_penalty(logits.float(), history, params.repetition_penalty).argmax(-1)
+    probs = sampling_probs(logits, history, params)  # (B, V)
     assert generators is not None and len(generators) == probs.shape[0]
     picks = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]
     return torch.cat(picks).to(logits.device)
