@@ -33,10 +33,10 @@ def _train_args(db, out, *extra):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--batch-size", "0"], "batch_size (--batch-size) must be >= 1, got 0"),
-        (["--grad-accum", "0"], "grad_accum (--grad-accum) must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0 (training setting batch_size)"),
+        (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
         (["--batch-size", "8", "--grad-accum", "3"], "divisible by grad_accum 3"),
-        (["--lr", "0"], "lr (--lr) must be > 0"),
+        (["--lr", "0"], "--lr must be > 0"),
         (["--wrong-neighbour-share", "1"], "must be in [0, 1)"),
         (["--tokens", "64", "--minutes", "1"], "either --tokens or --minutes"),
     ],

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from retrolm.cli.device import device_option, resolve_device
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
@@ -28,11 +30,11 @@ def eval_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of Markdown tables."),
     degeneration: bool = typer.Option(
-        False, "--degeneration", help="Also measure repetition % of sampled generations (SPEC §2)."
+        False, "--degeneration", help="Also measure repetition % of sampled generations."
     ),
     prompts: int = typer.Option(100, "--prompts", help="Prompts for --degeneration."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens per --degeneration sample."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
 ) -> None:
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
@@ -42,6 +44,7 @@ def eval_command(
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")
+    device = resolve_device(device)
     database = RetrievalDB.open(db)
     result = evaluate(database, list(checkpoint), split=split, k=k, max_sequences=max_sequences,
                       seq_len=seq_len, device=device, rag=not no_rag,

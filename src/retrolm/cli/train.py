@@ -28,7 +28,11 @@ def train_command(
     cfg: TrainConfig = None,  # type: ignore[assignment]  # built from the generated options
 ) -> None:
     """Train a RETRO model (or a GPT with --no-retrieval) on a retrieval database."""
+    import dataclasses
+
+    from retrolm.cli.device import resolve_device
     from retrolm.training.trainer import train
 
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     final = train(db, model, out, cfg)
     typer.echo(str(final))

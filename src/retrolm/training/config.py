@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,7 +47,8 @@ class TrainConfig:
     whatever the number of processes and accumulation steps. Checked on construction."""
 
     seq_len: int | None = _setting(
-        None, "Sequence length n, a multiple of the chunk size (default: the model's max_seq_len).")
+        None, "Sequence length n, a multiple of the chunk size (default: the model's max_seq_len; "
+        "retrofit: at most 512).")
     batch_size: int = _setting(8, "Global batch: sequences per optimizer step, whatever the process count.")
     grad_accum: int = _setting(1, "Micro-batches per optimizer step (gradient accumulation).")
     lr: float = _setting(1e-3, "Peak learning rate.")
@@ -104,9 +106,11 @@ class TrainConfig:
             high_ok = value < high if name in _OPEN_ABOVE else value <= high
             if not (low_ok and high_ok):
                 raise RetrolmError(
-                    f"invalid training setting: {name} (--{name.replace('_', '-')}) must be "
-                    f"{_range_text(name, low, high)}, got {value!r}"
+                    f"--{name.replace('_', '-')} must be {_range_text(name, low, high)}, got {value!r} "
+                    f"(training setting {name})"
                 )
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise RetrolmError(f"--device must be cpu, cuda or cuda:N, got {self.device!r} (training setting device)")
         if self.batch_size % self.grad_accum:
             raise RetrolmError(
                 f"invalid training setting: batch_size {self.batch_size} must be divisible by "
