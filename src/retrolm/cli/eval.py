@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
 def eval_command(
     db: Path = typer.Option(..., "--db", help="Retrieval database directory (retrolm db build)."),
     checkpoint: list[Path] = typer.Option(
-        ..., "--checkpoint", help="Run dir of `retrolm train` (or its final/); repeat for several."
+        ..., "--checkpoint", metavar="<path>",
+        help="Run dir of `retrolm train` (or its final/); repeat for several.",
     ),
     split: str = typer.Option("valid", "--split", help="Held-out split: valid or test."),
     k: int | None = typer.Option(None, "--k", help="Neighbours per chunk (default: the RETRO model's)."),

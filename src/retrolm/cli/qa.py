@@ -67,9 +67,16 @@ def _warn_if_documents_missing(items: list[Any], database: Any, data: str) -> No
 
 def qa_command(
     ctx: typer.Context,
-    db: Path | None = typer.Option(None, "--db", help="Retrieval database (tokenizer + passages)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Model dir (or run dir)."),
-    data: str | None = typer.Option(None, "--data", help="QA JSONL file, or builtin:facts."),
+    # required, but not declared so: `retrolm qa finetune ...` passes through this callback
+    db: Path | None = typer.Option(
+        None, "--db", help="Retrieval database (tokenizer + passages).  [required]"
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Model dir (or run dir).  [required]"
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="QA JSONL file, or builtin:facts.  [required]"
+    ),
     mode: str = typer.Option(
         "rag", "--mode", help="closed-book | rag | retro | retro++ | iter-retgen"
     ),
