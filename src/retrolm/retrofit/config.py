@@ -37,7 +37,7 @@ class RetrofitConfig:
     enc_layers: int = _setting(2, "Neighbour encoder layers.")
     enc_d_model: int | None = _setting(
         None, "Encoder width (default: the source's encoder width; half the width for an HF GPT-2).")
-    k: int = _setting(2, "Neighbours per chunk: the retro-fitted model's n_neighbors.")
+    k: int = _setting(2, "Neighbours per chunk of the retro-fitted model.")
     lr: float | None = _setting(
         None, "Peak LR (default: 1e-3 with --freeze-decoder, 1e-4 for full training).")
     eval_sequences: int = _setting(64, "Valid sequences for the perplexity before and after.")

@@ -60,7 +60,7 @@ class TrainConfig:
     beta2: float = _setting(0.95, "AdamW beta2.")
     grad_clip: float = _setting(1.0, "Clip the global gradient norm to this (0: no clipping).")
     k: int | None = _setting(
-        None, "Neighbours per chunk, at most the database's K (default: the model's n_neighbors).")
+        None, "Neighbours per chunk, at most the database's K (default: the model's own).")
     retrieval: bool = _setting(
         True, "Train RETRO with neighbours; --no-retrieval trains the GPT baseline on the same sequences.")
     exclude_sample_docs: bool = _setting(
