@@ -31,6 +31,13 @@ def test_bad_settings_are_one_line(extra, words, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(SystemExit) as exc:
+        main(["retrofit", "--source", str(tmp_path), "--db", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "is a file; pass a directory" in capsys.readouterr().err
+
+
 def test_retrofit_config_types_and_parsing():
     assert RetrofitConfig(cca_layers=(6, 3)).cca_layers == [6, 3]
     with pytest.raises(RetrolmError, match="freeze_decoder must be true or false"):

@@ -281,6 +281,8 @@ def retrofit(
     if config.lr is not None or train_config is None:
         cfg = dataclasses.replace(cfg, lr=config.peak_lr())
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RetrolmError(f"--out {out} is a file; pass a directory for the run")
     db = RetrievalDB.open(db_path)
     model, src = build_retrofit(
         source, db.vocab_size, db.chunk_size, cca_layers=config.cca_layers, enc_layers=config.enc_layers,
