@@ -110,7 +110,9 @@ class TrainConfig:
                     f"(training setting {name})"
                 )
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise RetrolmError(f"--device must be cpu, cuda or cuda:N, got {self.device!r} (training setting device)")
+            raise RetrolmError(
+                f"--device must be cpu, cuda or cuda:N, got {self.device!r} (training setting device)"
+            )
         if self.batch_size % self.grad_accum:
             raise RetrolmError(
                 f"invalid training setting: batch_size {self.batch_size} must be divisible by "
