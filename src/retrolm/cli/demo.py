@@ -15,7 +15,7 @@ def demo_command(
     corpus: str | None = typer.Option(
         None,
         "--corpus",
-        help="builtin:NAME or a path (default: the demo's settings, builtin:pydocs).",
+        help="builtin:NAME or a path (default: builtin:pkgdocs; with --tiny, builtin:pydocs).",
     ),
     out: Path = typer.Option(
         Path("runs/demo"), "--out", help="Run directory (database, runs, report)."
@@ -35,7 +35,7 @@ def demo_command(
         False, "--tiny", help="Test-sized run: tiny model, 80-document slice."
     ),
     retriever: str | None = typer.Option(
-        None, "--retriever", help="dense (MiniLM + FAISS) or bm25 (default: the demo's settings)."
+        None, "--retriever", help="dense (MiniLM + FAISS) or bm25 (default: bm25; with --tiny, dense)."
     ),
 ) -> None:
     """The main job: GPT vs RETRO on the same data, evaluated on held-out documents."""

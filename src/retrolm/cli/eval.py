@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from retrolm.cli.device import device_option, resolve_device
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
@@ -16,7 +18,8 @@ def register(app: typer.Typer) -> None:
 def eval_command(
     db: Path = typer.Option(..., "--db", help="Retrieval database directory (retrolm db build)."),
     checkpoint: list[Path] = typer.Option(
-        ..., "--checkpoint", help="Run dir of `retrolm train` (or its final/); repeat for several."
+        ..., "--checkpoint", metavar="<path>",
+        help="Run dir of `retrolm train` (or its final/); repeat for several.",
     ),
     split: str = typer.Option("valid", "--split", help="Held-out split: valid or test."),
     k: int | None = typer.Option(None, "--k", help="Neighbours per chunk (default: the RETRO model's)."),
@@ -28,11 +31,11 @@ def eval_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of Markdown tables."),
     degeneration: bool = typer.Option(
-        False, "--degeneration", help="Also measure repetition % of sampled generations (SPEC §2)."
+        False, "--degeneration", help="Also measure repetition % of sampled generations."
     ),
     prompts: int = typer.Option(100, "--prompts", help="Prompts for --degeneration."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens per --degeneration sample."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
 ) -> None:
     """Evaluate checkpoints on a held-out split of their database."""
     from retrolm.db.database import RetrievalDB
@@ -42,6 +45,7 @@ def eval_command(
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")
+    device = resolve_device(device)
     database = RetrievalDB.open(db)
     result = evaluate(database, list(checkpoint), split=split, k=k, max_sequences=max_sequences,
                       seq_len=seq_len, device=device, rag=not no_rag,

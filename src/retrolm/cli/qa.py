@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from retrolm.cli.device import device_option, resolve_device
 from retrolm.errors import RetrolmError
 
 
@@ -21,13 +22,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(qa_app, name="qa")
 
 
-def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Any, Any, Any]:
+def _load(checkpoint: Path, db: Path | None, device: str | None) -> tuple[Any, Any, Any]:
     from retrolm.db.database import RetrievalDB
     from retrolm.retrofit.pipeline import load_checkpoint
 
-    model = load_checkpoint(checkpoint, map_location=device).eval()
     if db is None:
         raise RetrolmError("pass --db <database the model was trained on> (tokenizer and retrieval)")
+    model = load_checkpoint(checkpoint, map_location=resolve_device(device)).eval()
     opened = RetrievalDB.open(db, verify=False)
     if opened.vocab_size != model.config.vocab_size:
         raise RetrolmError(
@@ -47,11 +48,35 @@ def _items(data: str, subset: str, kind: str | None, limit: int | None, seed: in
     return select_items(load_items(data), subset=subset, kind=kind, limit=limit, seed=seed)
 
 
+def _warn_if_documents_missing(items: list[Any], database: Any, data: str) -> None:
+    """One line on stderr when the documents the QA items cite (`doc_ids`) are not in the
+    database: the questions are then answered from the wrong database, and scores mislead."""
+    cited = {d for item in items for d in item.extra.get("doc_ids", ())}
+    if not cited:
+        return  # the data names no documents: nothing to check
+    with open(Path(database.path) / "documents.jsonl", encoding="utf-8") as handle:
+        present = {json.loads(line)["id"] for line in handle}
+    missing = len(cited - present)
+    if missing:
+        typer.echo(
+            f"warning: {missing} of the {len(cited)} documents that {data} cites are not in the database "
+            f"{database.path}; was it built from this data's corpus?",
+            err=True,
+        )
+
+
 def qa_command(
     ctx: typer.Context,
-    db: Path | None = typer.Option(None, "--db", help="Retrieval database (tokenizer + passages)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Model dir (or run dir)."),
-    data: str | None = typer.Option(None, "--data", help="QA JSONL file, or builtin:facts."),
+    # required, but not declared so: `retrolm qa finetune ...` passes through this callback
+    db: Path | None = typer.Option(
+        None, "--db", help="Retrieval database (tokenizer + passages).  [required]"
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Model dir (or run dir).  [required]"
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="QA JSONL file, or builtin:facts.  [required]"
+    ),
     mode: str = typer.Option(
         "rag", "--mode", help="closed-book | rag | retro | retro++ | iter-retgen"
     ),
@@ -67,7 +92,7 @@ def qa_command(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts decoded together."),
     seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
     predictions: Path | None = typer.Option(None, "--predictions", help="Write per-item JSONL here."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
     """Answer the questions of --data with --checkpoint in --mode; print EM and F1."""
@@ -79,6 +104,7 @@ def qa_command(
         raise RetrolmError("retrolm qa needs --db, --checkpoint and --data (see retrolm qa --help)")
     model, tokenizer, opened = _load(checkpoint, db, device)
     items = _items(data, subset, kind, limit, seed)
+    _warn_if_documents_missing(items, opened, data)
     source = PassageSource(opened, tokenizer, k, model.config.neighbor_len, tokenizer.pad_id)
     records = answer_items(
         model, tokenizer, items, mode, source, reorder=reorder, iter_reader=iter_reader,
@@ -116,7 +142,7 @@ def finetune_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per step."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak LR (warm-up, cosine to 0.1x)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and order."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
 ) -> None:
     """Fine-tune on QA pairs with the loss on answer tokens only; save to --out."""
     import torch
@@ -128,6 +154,7 @@ def finetune_command(
     torch.manual_seed(seed)
     model, tokenizer, opened = _load(checkpoint, db, device)
     items = _items(data, subset, kind, limit, seed)
+    _warn_if_documents_missing(items, opened, data)
     source = PassageSource(opened, tokenizer, k, model.config.neighbor_len, tokenizer.pad_id)
     losses = finetune(
         model, tokenizer, items, mode, source, steps=steps, batch_size=batch_size, lr=lr,

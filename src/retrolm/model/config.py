@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retrolm.errors import RetrolmError
+from retrolm.validation import check_field_types
 
 
 def default_cca_layers(n_layers: int) -> list[int]:
@@ -68,6 +69,7 @@ class RetroConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, saved with the config
 
     def __post_init__(self) -> None:
+        check_field_types(self, "invalid model config")
         if self.neighbor_len is None:
             self.neighbor_len = 2 * self.chunk_size if self.continuation else self.chunk_size
         if self.cca_layers is None:
@@ -91,6 +93,8 @@ class RetroConfig:
 
         def bad(msg: str) -> None:
             raise RetrolmError(f"invalid model config: {msg}")
+
+        check_field_types(self, "invalid model config")
 
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "chunk_size", "n_neighbors",
                      "enc_layers", "enc_d_model", "enc_heads", "max_seq_len", "d_ff",
@@ -128,6 +132,9 @@ class RetroConfig:
             bad("copy_head needs at least one CCA layer (its keys come from the neighbour encoder)")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("mlp_ratio", "rope_base", "norm_eps"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be a number > 0, got {getattr(self, name)!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             bad(f"pad_id {self.pad_id} is outside the vocabulary (size {self.vocab_size})")
         if self.max_seq_len < self.chunk_size:

@@ -29,6 +29,7 @@ from retrolm.errors import RetrolmError
 from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
 from retrolm.model.config import default_cca_layers
 from retrolm.model.retro import Retro, is_retrieval_parameter
+from retrolm.retrofit.config import RetrofitConfig
 
 REPORT = "retrofit.json"
 
@@ -244,45 +245,57 @@ def _gpt_perplexity(src: nn.Module, db: Any, seq_len: int, max_sequences: int) -
 # -- the whole procedure ---------------------------------------------------------------------------
 
 
+# Older keyword names of retrofit()'s options, still accepted.
+_OLD_NAMES = {"freeze": "freeze_decoder", "n_neighbors": "k"}
+
+
 def retrofit(
     source: str | os.PathLike[str],
     db_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     train_config: Any = None,
-    *,
-    freeze: bool = True,
-    cca_layers: list[int] | None = None,
-    enc_layers: int = 2,
-    enc_d_model: int | None = None,
-    n_neighbors: int = 2,
-    eval_sequences: int = 64,
+    config: RetrofitConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Retro-fit `source` on database `db_path`, train into `out_dir`; return the report.
+
+    `config` (`RetrofitConfig`) says what is added and what trains; keyword `options` override
+    its fields (`freeze` and `n_neighbors` are older names of `freeze_decoder` and `k`). The
+    peak LR is `config.lr` if set, else `train_config.lr` if a train_config is given, else the
+    mode's default (`RetrofitConfig.peak_lr`).
 
     Writes `out_dir/init/` (the untrained retro-fitted model), the training run
     (`checkpoints/`, `final/`, metrics) and `out_dir/retrofit.json` with parameter
     counts and valid perplexities before/after, with retrieval on and off. With
-    `freeze`, checks that every frozen tensor of the saved final model is bit-identical
-    to the source's.
+    `freeze_decoder`, checks that every frozen tensor of the saved final model is
+    bit-identical to the source's.
     """
     from retrolm.db.database import RetrievalDB
     from retrolm.model.checkpoint import save_model
     from retrolm.training.trainer import TrainConfig, train
 
+    options = {_OLD_NAMES.get(name, name): value for name, value in options.items()}
+    config = dataclasses.replace(config or RetrofitConfig(), **options)
+    freeze = config.freeze_decoder
     cfg = train_config or TrainConfig()
+    if config.lr is not None or train_config is None:
+        cfg = dataclasses.replace(cfg, lr=config.peak_lr())
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RetrolmError(f"--out {out} is a file; pass a directory for the run")
     db = RetrievalDB.open(db_path)
     model, src = build_retrofit(
-        source, db.vocab_size, db.chunk_size, cca_layers=cca_layers, enc_layers=enc_layers,
-        enc_d_model=enc_d_model, n_neighbors=n_neighbors, pad_id=db.tokenizer.pad_id,
+        source, db.vocab_size, db.chunk_size, cca_layers=config.cca_layers, enc_layers=config.enc_layers,
+        enc_d_model=config.enc_d_model, n_neighbors=config.k, pad_id=db.tokenizer.pad_id,
         seed=cfg.seed,
     )  # fmt: skip
+    eval_sequences = config.eval_sequences
     seq_len = cfg.seq_len or min(int(model.config.max_seq_len), 512)
     if cfg.seq_len is None:
         cfg = dataclasses.replace(cfg, seq_len=seq_len)
     counts = parameter_counts(model)
     trainable = freeze_decoder(model) if freeze else counts["total"]
-    if freeze and getattr(cfg, "replay_share", 0.0):
+    if freeze and cfg.replay_share:
         raise RetrolmError(
             "--replay-share needs full training: with --freeze-decoder only encoder + CCA train, "
             "and replayed sequences (no neighbours) give them no gradient"
@@ -302,8 +315,7 @@ def retrofit(
     }
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out / "init")
-    if hasattr(cfg, "rewarm"):
-        cfg = dataclasses.replace(cfg, rewarm=True)
+    cfg = dataclasses.replace(cfg, rewarm=True)
     t0 = time.perf_counter()
     final = train(db_path, model, out, cfg)
     seconds = time.perf_counter() - t0
@@ -327,6 +339,7 @@ def retrofit(
         "final": str(final),
         "parameters": {**counts, "trainable": trainable},
         "frozen_parameters_unchanged": bool(frozen),
+        "retrofit": config.to_dict(),
         "train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
         "train_seconds": seconds,
         "valid_perplexity": {"before": before, "after": after, "sequences": eval_sequences,

@@ -21,7 +21,6 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from retrolm.training import checkpointing as ckpt
 from retrolm.training import distributed
 from retrolm.training.augment import wrong_neighbours
 from retrolm.training.budget import TimeBudget
+from retrolm.training.config import TrainConfig
 from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
 from retrolm.training.optimizer import build_optimizer, set_lr
 from retrolm.training.schedule import LRSchedule, rewarm
@@ -47,48 +47,6 @@ _TRAJECTORY_FIELDS = (
     "tokens", "minutes", "bf16", "seed", "replay_share", "replay_db", "retrieval_lr_scale",
     "wrong_neighbour_share",
 )  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """How to train. `batch_size` is the GLOBAL batch (sequences per optimizer step),
-    whatever the number of processes and accumulation steps."""
-
-    seq_len: int | None = None  # None: the model's context length (max_seq_len)
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    retrieval_lr_scale: float = 1.0  # LR multiplier for the encoder and CCA parameters
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None  # None: 5% of the steps, at most 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    k: int | None = None  # neighbours per chunk; None: the model's n_neighbors
-    retrieval: bool = True
-    exclude_sample_docs: bool = True
-    tokens: int | None = None  # None and no minutes: one pass over the train sequences
-    minutes: float | None = None
-    bf16: bool = False
-    compile: bool = False
-    seed: int = 0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    num_workers: int = 0
-    resume: bool = False
-    init_from: str | None = None  # continued training: start from this checkpoint, re-warm LR
-    rewarm: bool = False  # re-warm from the floor even without init_from (a retro-fitted module)
-    replay_share: float = 0.0  # share of sequences replayed without neighbours (retrolm.training.replay)
-    # Share of training sequences fed another sequence's neighbours (the next one in the
-    # micro-batch), so the model learns to ignore neighbours that do not match its text.
-    wrong_neighbour_share: float = 0.0
-    replay_db: str | None = None  # database to replay from; None: this database's LM data
-    device: str | None = None  # None: cuda if available else cpu
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # -- model config ---------------------------------------------------------------------------
@@ -158,19 +116,9 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Pat
 
 
 def _budget_steps(cfg: TrainConfig, tokens_per_step: int, epoch_sequences: int) -> int:
-    if not cfg.retrieval_lr_scale > 0:
-        raise RetrolmError(f"--retrieval-lr-scale must be > 0, got {cfg.retrieval_lr_scale}")
-    if not 0.0 <= cfg.wrong_neighbour_share < 1.0:
-        raise RetrolmError(
-            f"--wrong-neighbour-share must be in [0, 1), got {cfg.wrong_neighbour_share}"
-        )
     if cfg.tokens is not None:
-        if cfg.tokens <= 0:
-            raise RetrolmError(f"--tokens must be > 0, got {cfg.tokens}")
         return max(1, math.ceil(cfg.tokens / tokens_per_step))
     if cfg.minutes is not None:
-        if cfg.minutes <= 0:
-            raise RetrolmError(f"--minutes must be > 0, got {cfg.minutes}")
         return _UNKNOWN_TOTAL
     return max(1, epoch_sequences // cfg.batch_size)
 
@@ -195,8 +143,10 @@ def train(
     already finished).
     """
     cfg = cfg or TrainConfig()
-    if cfg.tokens is not None and cfg.minutes is not None:
-        raise RetrolmError("pass either --tokens or --minutes, not both")
+    cfg.validate()  # again: fields may have been set after construction
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RetrolmError(f"--out {out_dir} is a file; pass a directory for the run")
     dist = distributed.setup(cfg.device)
     try:
         return _Run(Path(db_path), model, Path(out_dir), cfg, dist).run()
@@ -472,12 +422,21 @@ class _Run:
                     self._save()
             self.finished = True
             self._save(final=True)
+        except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, the last one stands
+            raise KeyboardInterrupt(self._interrupted_message()) from None
         finally:
             if self.monitor is not None:
                 self.monitor.close()
         if dist.is_main:
             plot_loss(self.out_dir, title=f"{'RETRO' if cfg.retrieval else 'GPT'} training loss")
         return final_dir
+
+
+    def _interrupted_message(self) -> str:
+        """Where an interrupted run stopped and how to continue it (the CLI prints this)."""
+        saved = ckpt.list_checkpoints(self.out_dir)
+        where = f"last checkpoint: step {saved[-1][0]}" if saved else "no checkpoint yet"
+        return f"interrupted at step {self.step} ({where}); resume with --resume"
 
 
 def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
