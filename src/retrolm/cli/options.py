@@ -7,7 +7,7 @@ default is a required option; a bool is a `--name/--no-name` flag. Metadata keys
 - `option`: the option name when it is not `--field-name`;
 - `parse`:  a function from the command-line string to the field's value, for types
   Typer cannot read itself (e.g. "98,1,1" -> (98, 1, 1)); the option then takes a
-  string, shown with `format` (default `str`) of the field default.
+  string whose default is `format` (default `str`) of the field default.
 
 `with_dataclass_options(Settings, "settings")` turns `def cmd(settings: Settings, out: Path
 = typer.Option(...))` into a Typer command whose options are `out` plus one per field;
@@ -45,8 +45,8 @@ def option_parameter(field: dataclasses.Field, annotation: Any) -> inspect.Param
     required = not _has_default(field)
     if "parse" in field.metadata:
         annotation = str
-        shown = field.metadata.get("format", str)(_default(field)) if not required else False
-        default = typer.Option(... if required else None, name, help=help_text, show_default=shown)
+        text = ... if required else field.metadata.get("format", str)(_default(field))
+        default = typer.Option(text, name, help=help_text)
     elif annotation is bool:
         flag = f"{name}/--no-{name[2:]}"
         default = typer.Option(... if required else _default(field), flag, help=help_text)
@@ -62,15 +62,13 @@ def options_from_dataclass(cls: type, exclude: tuple[str, ...] = ()) -> list[ins
 
 
 def dataclass_from_options(cls: type, values: dict[str, Any]) -> Any:
-    """Build `cls` from command-line values: parse string fields, skip unset ones."""
+    """Build `cls` from command-line values (fields with a `parse` arrive as strings)."""
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
         if "parse" in f.metadata:
-            if value is None:
-                continue  # not given: the field default
             value = f.metadata["parse"](value)
         kwargs[f.name] = value
     return cls(**kwargs)
@@ -91,7 +89,7 @@ def with_dataclass_options(cls: type, into: str, exclude: tuple[str, ...] = ()) 
             fields = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
             return fn(**kwargs, **{into: dataclass_from_options(cls, fields)})
 
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
+        params = generated + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__name__ = fn.__name__
