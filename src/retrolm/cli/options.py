@@ -7,7 +7,8 @@ default is a required option; a bool is a `--name/--no-name` flag. Metadata keys
 - `option`: the option name when it is not `--field-name`;
 - `parse`:  a function from the command-line string to the field's value, for types
   Typer cannot read itself (e.g. "98,1,1" -> (98, 1, 1)); the option then takes a
-  string whose default is `format` (default `str`) of the field default.
+  string whose default is `format` of the field default (default: comma-joined items
+  for a tuple or list, else `str`).
 
 `with_dataclass_options(Settings, "settings")` turns `def cmd(settings: Settings, out: Path
 = typer.Option(...))` into a Typer command whose options are `out` plus one per field;
@@ -23,6 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+
+
+def _format(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _option_name(field: dataclasses.Field) -> str:
@@ -45,7 +50,7 @@ def option_parameter(field: dataclasses.Field, annotation: Any) -> inspect.Param
     required = not _has_default(field)
     if "parse" in field.metadata:
         annotation = str
-        text = ... if required else field.metadata.get("format", str)(_default(field))
+        text = ... if required else field.metadata.get("format", _format)(_default(field))
         default = typer.Option(text, name, help=help_text)
     elif annotation is bool:
         flag = f"{name}/--no-{name[2:]}"
@@ -74,11 +79,18 @@ def dataclass_from_options(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def _resolved(fn: Callable, param: inspect.Parameter) -> inspect.Parameter:
+    """`param` with a string annotation (from __future__ annotations) evaluated in fn's module."""
+    if isinstance(param.annotation, str):
+        return param.replace(annotation=eval(param.annotation, fn.__globals__))  # noqa: S307 - source annotations
+    return param
+
+
 def with_dataclass_options(cls: type, into: str, exclude: tuple[str, ...] = ()) -> Callable:
     """Decorator: replace parameter `into` of a command by one option per field of `cls`."""
 
     def decorate(fn: Callable) -> Callable:
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != into]
+        own = [_resolved(fn, p) for p in inspect.signature(fn).parameters.values() if p.name != into]
         generated = options_from_dataclass(cls, exclude)
         clash = {p.name for p in own} & {p.name for p in generated}
         if clash:

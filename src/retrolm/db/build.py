@@ -77,9 +77,7 @@ class BuildSettings:
     index: str | None = _opt(None, "FAISS factory string (default: chosen by size)")
     nprobe: int | None = _opt(None, "IVF lists searched (default: chosen for recall@2 >= 0.95)")
     split: tuple[int, int, int] = _opt(
-        (98, 1, 1), "train,valid,test ratios of the document split", parse=parse_split,
-        format=lambda v: ",".join(str(x) for x in v),
-    )
+        (98, 1, 1), "train,valid,test ratios of the document split", parse=parse_split)
     seed: int = _opt(0, "seed of the document split and index training")
     near_dedup: bool = _opt(False, "also drop MinHash near-duplicates (Jaccard >= 0.8)")
     embed_batch_size: int = _opt(64, "texts per encoder batch")
@@ -252,7 +250,7 @@ def prepare_directory(out: Path, settings: BuildSettings, overwrite: bool) -> di
                 RetrievalDB.open(out, verify=True)
                 return None
             except RetrolmError as err:
-                warnings.warn(f"repairing {out}: {err}".split(";")[0], stacklevel=3)
+                warnings.warn(f"repairing the database: {err}".split(";")[0], stacklevel=3)
         (out / MANIFEST).unlink(missing_ok=True)  # incomplete until every stage checks out
         if state is not None and state.get("settings") == wanted and isinstance(state.get("done"), dict):
             state.update(format=FORMAT, format_version=FORMAT_VERSION)
