@@ -483,8 +483,8 @@ def warn_about(b: Build) -> None:
         warnings.warn(f"--split {','.join(map(str, b.settings.split))} left no document in valid or test: "
                       "`retrolm eval` will have nothing to evaluate", stacklevel=3)
     chunk_doc = b.store.table[:, 2]
-    if len(chunk_doc) >= 10:
-        owned = np.bincount(chunk_doc)
+    owned = np.bincount(chunk_doc)
+    if len(owned) >= 10:  # among a handful of documents, a big share is no anomaly
         big = int(owned.argmax())
         if owned[big] > BIG_DOCUMENT_SHARE * len(chunk_doc):
             doc_id = b.meta[int(b.streams["train"].doc_index[big])]["id"]
