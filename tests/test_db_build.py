@@ -57,7 +57,8 @@ def test_truncated_tokens_are_repaired_by_the_suggested_rebuild(tiny_corpus, tin
         RetrievalDB.open(out)
     if drop_manifest:
         (out / "manifest.json").unlink()
-    db = RetrievalDB.build(str(tiny_corpus), out, progress=False, **SMALL)
+    with pytest.warns(UserWarning, match="train/tokens.bin .* redoing the streams stage"):
+        db = RetrievalDB.build(str(tiny_corpus), out, progress=False, **SMALL)
     assert tokens.read_bytes() == data
     assert db.manifest["files"] == tiny_bm25_db.manifest["files"]
     RetrievalDB.open(out, verify=True)

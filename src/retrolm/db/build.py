@@ -176,13 +176,13 @@ def record_files(out: Path, rels: list[str]) -> dict[str, dict[str, Any]]:
     return files
 
 
-def files_match(out: Path, files: dict[str, dict[str, Any]]) -> bool:
-    """Does every recorded file exist with its recorded size and sha256?"""
+def first_mismatch(out: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    """The first recorded file that is missing or differs in size or sha256 (None: all match)."""
     for rel, info in files.items():
         f = out / rel
         if not f.is_file() or f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
-            return False
-    return True
+            return rel
+    return None
 
 
 def _remove(out: Path, rel: str) -> None:
@@ -459,8 +459,12 @@ def run_stage(b: Build, stage: str, step: Callable[[Build], dict[str, Any]], ups
     Returns whether this stage's files differ from what later stages were built on.
     """
     record = b.done.get(stage)
-    if record is not None and not upstream_changed and "outputs" in record and files_match(b.out, record["outputs"]):
-        return False
+    if record is not None and not upstream_changed and "outputs" in record:
+        bad = first_mismatch(b.out, record["outputs"])
+        if bad is None:
+            return False
+        warnings.warn(f"{bad} is missing or differs from what the build wrote; redoing the {stage} stage",
+                      stacklevel=3)
     rels = stage_outputs(stage, b.settings)
     if record is not None or upstream_changed:
         # Damaged or built on other inputs: never resume from it (the embedding sidecar too).
