@@ -137,7 +137,10 @@ def is_retrolm_database(state: dict[str, Any] | None, manifest: dict[str, Any] |
     return _legacy(state, "done") or legacy_manifest
 
 
-def stage_outputs(stage: str, settings: BuildSettings) -> list[str]:
+STAGES = ("corpus", "tokenizer", "streams", "chunks", "retriever", *(f"neighbors:{s}" for s in SPLITS))
+
+
+def stage_outputs(stage: str, retriever: str) -> list[str]:
     """Paths (relative to the database) that `stage` writes; a directory stands for its files."""
     if stage == "corpus":
         return ["documents.jsonl"]
@@ -148,16 +151,15 @@ def stage_outputs(stage: str, settings: BuildSettings) -> list[str]:
     if stage == "chunks":
         return ["train/chunks.npy"]
     if stage == "retriever":
-        return ["embeddings.f16", "index.faiss"] if settings.retriever == "dense" else ["bm25"]
+        return ["embeddings.f16", "index.faiss"] if retriever == "dense" else ["bm25"]
     if stage.startswith("neighbors:"):
         return [f"neighbors/{stage.split(':', 1)[1]}.npy"]
     raise ValueError(stage)
 
 
-STAGES = ("corpus", "tokenizer", "streams", "chunks", "retriever", *(f"neighbors:{s}" for s in SPLITS))
-ALL_OUTPUTS = ("documents.jsonl", "tokenizer.json", *(f"{s}/{n}" for s in SPLITS for n in ("tokens.bin", "docs.npy",
-               "doc_index.npy")), "train/chunks.npy", "embeddings.f16", "index.faiss", "bm25",
-               *(f"neighbors/{s}.npy" for s in SPLITS))  # fmt: skip
+def own_names() -> set[str]:
+    """Every path a build of either retriever may write: the only names deleted unrecorded."""
+    return {rel for kind in ("dense", "bm25") for stage in STAGES for rel in stage_outputs(stage, kind)} | set(SCRATCH)
 
 
 def _files_under(out: Path, rel: str) -> list[str]:
@@ -186,7 +188,10 @@ def first_mismatch(out: Path, files: dict[str, dict[str, Any]]) -> str | None:
 
 
 def _remove(out: Path, rel: str) -> None:
+    """Delete `rel` inside `out` (never outside it, whatever a record says) and its temp files."""
     path = out / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -198,7 +203,7 @@ def _remove(out: Path, rel: str) -> None:
 
 def remove_build(out: Path, state: dict[str, Any] | None, manifest: dict[str, Any] | None) -> None:
     """Delete what retrolm wrote in `out` (recorded files and its own names), nothing else."""
-    rels = set(ALL_OUTPUTS) | set(SCRATCH)
+    rels = own_names()
     for record in (state or {}).get("done", {}).values():
         if isinstance(record, dict):
             rels |= set(record.get("outputs", {}))
@@ -465,7 +470,7 @@ def run_stage(b: Build, stage: str, step: Callable[[Build], dict[str, Any]], ups
             return False
         warnings.warn(f"{bad} is missing or differs from what the build wrote; redoing the {stage} stage",
                       stacklevel=3)
-    rels = stage_outputs(stage, b.settings)
+    rels = stage_outputs(stage, b.settings.retriever)
     if record is not None or upstream_changed:
         # Damaged or built on other inputs: never resume from it (the embedding sidecar too).
         b.done.pop(stage, None)
