@@ -11,6 +11,11 @@ Run: `python benchmarks/bench_db.py [--emb-chunks 1024] [--vectors 100000] [--py
   each copied with Gaussian noise and renormalised: real geometry, affordable size).
 - neighbours: queries/s of `compute_neighbors` (dense, text in → ids out, with same-document
   exclusion) and of BM25 over the pydocs chunks.
+- dominant document: BM25 neighbours when one document owns 80% of the chunks, searching
+  deeper and deeper (the retry path) vs leaving its chunks out of the search, same run,
+  with a check that both give identical neighbours.
+- windows vs chunks: how many query windows (m-aligned in the packed stream) are the same
+  token span as a database chunk (document-aligned), i.e. could reuse its embedding.
 The CPU may be shared: absolute times are noisy, the ratios are the figures to compare.
 """
 
@@ -77,6 +82,11 @@ def main() -> None:
     emit(kind="tokenize_chunk", docs=len(docs), tokens=int(lengths.sum()), chunks=len(table),
          seconds=round(dt, 3), chunks_per_s=round(len(table) / dt, 1),
          note="retrolm.tokenizer BPE trained in-run on builtin:pydocs; HF tokenizers encode_batch")
+    total, m = len(stream), 64
+    same_span = (table[:, 0] % m == 0) & ((table[:, 1] == m) | (table[:, 0] + table[:, 1] == total))
+    emit(kind="windows_vs_chunks", m=m, windows=-(-total // m), chunks=len(table),
+         windows_equal_to_a_chunk=int(same_span.sum()), share=round(float(same_span.sum()) / -(-total // m), 4),
+         note="a window is a chunk's span only where a document starts at a multiple of m")
     texts = [tok.decode(stream[s : s + n]) for s, n, _ in table]
     chunk_doc = table[:, 2]
 
@@ -173,6 +183,25 @@ def main() -> None:
          bm25_queries_per_s=round(nq / bm_s, 1), bm25_db=len(texts), bm25_build_seconds=round(bm_build, 2),
          bm25_filled=round(float((nb >= 0).mean()), 3),
          note="dense includes embedding the query texts with MiniLM")
+
+    # 5. one document owning 80% of the chunks: search deeper (retry) vs exclude in the search
+    class RetryOnly:  # the same BM25 without `can_exclude`
+        def search(self, q, k):
+            return bm.search(q, k)
+
+    merged = np.where(chunk_doc < chunk_doc[int(0.8 * len(chunk_doc))], 0, chunk_doc)  # still sorted
+    nq_big = min(1024, int(0.8 * len(texts)))
+    found, secs = {}, {}
+    for label, r in (("retry", RetryOnly()), ("exclude", bm), ("retry2", RetryOnly()), ("exclude2", bm)):
+        t = time.perf_counter()
+        found[label] = compute_neighbors(r, lambda lo, hi: texts[lo:hi], nq_big,
+                                         lambda lo, hi: [{int(merged[i])} for i in range(lo, hi)],
+                                         merged, 8, tmp / "nh.npy", progress=False)
+        secs[label] = time.perf_counter() - t
+    retry_s, excl_s = min(secs["retry"], secs["retry2"]), min(secs["exclude"], secs["exclude2"])
+    emit(kind="dominant_document", retriever="bm25", queries=nq_big, k=8, doc_share=0.8,
+         retry_queries_per_s=round(nq_big / retry_s, 1), exclude_queries_per_s=round(nq_big / excl_s, 1),
+         speedup=round(retry_s / excl_s, 2), identical=bool(np.array_equal(found["retry"], found["exclude"])))
 
     if args.pydocs_build:
         out = tmp / "pydocs-db"

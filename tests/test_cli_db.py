@@ -60,3 +60,15 @@ def test_usage_errors_are_messages_not_tracebacks(argv, expected, capsys):
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
+
+
+def test_a_database_with_other_settings_needs_overwrite(tiny_bm25_db, tiny_corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "db"
+    shutil.copytree(tiny_bm25_db.path, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, _, err = _run(["db", "build", "--corpus", str(tiny_corpus), "--out", str(out), "--retriever", "bm25"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "chunk_size 16 -> 64" in err and "--overwrite" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

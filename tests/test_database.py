@@ -122,13 +122,17 @@ def test_interrupted_build_resumes_to_the_same_database(tiny_corpus, tiny_bm25_d
     assert np.array_equal(db.chunks.table, tiny_bm25_db.chunks.table)
 
 
-def test_changed_settings_start_over_and_foreign_dirs_are_kept(tiny_corpus, tmp_path):
+def test_other_settings_need_overwrite_and_foreign_dirs_are_kept(tiny_corpus, tmp_path):
     out = tmp_path / "db"
     RetrievalDB.build(str(tiny_corpus), out, **SMALL)
-    (out / "stale.txt").write_text("left over")
-    db = RetrievalDB.build(str(tiny_corpus), out, **{**SMALL, "chunk_size": 8})
-    assert db.chunk_size == 8 and not (out / "stale.txt").exists()
-    assert db.chunks.table[:, 1].max() == 8
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(RetrolmError, match=r"other settings \(chunk_size 16 -> 8\).*--overwrite"):
+        RetrievalDB.build(str(tiny_corpus), out, **{**SMALL, "chunk_size": 8})
+    assert RetrievalDB.open(out).chunk_size == 16  # untouched
+    db = RetrievalDB.build(str(tiny_corpus), out, overwrite=True, **{**SMALL, "chunk_size": 8})
+    assert db.chunk_size == 8 and db.chunks.table[:, 1].max() == 8
+    assert (out / "notes.txt").read_text() == "the user's own file"  # retrolm did not write it
+    assert "notes.txt" not in db.manifest["files"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")

@@ -1,7 +1,9 @@
 """Crash-safe file writing: write to a temporary name in the same directory, then rename.
 
 A reader never sees a half-written file under its final name; a crash leaves only a
-`*.tmp*` file that the next writer overwrites or removes.
+`*.tmp*` file that the next writer overwrites or removes. Files and directories get the
+permissions the umask gives (0644 / 0755 under umask 022), like any file `open()` creates,
+not the owner-only 0600 / 0700 that `tempfile` uses for its temporary names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """Give `path` the permissions `mode & ~umask`, as open()/mkdir() would have."""
+    os.chmod(path, mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it onto `path`."""
@@ -26,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        _as_if_created(tmp, 0o666)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -52,6 +74,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        _as_if_created(tmp, 0o777)
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")

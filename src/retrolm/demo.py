@@ -671,7 +671,7 @@ def run_demo(
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     t = time.time()
     log(f"database {db_dir} ({st.retriever} retriever, corpus {spec})")
-    db = RetrievalDB.build(spec, db_dir, progress=progress, retriever=st.retriever,
+    db = RetrievalDB.build(spec, db_dir, progress=progress, retriever=st.retriever, overwrite=True,
                            **{**st.db, "split": tuple(st.db["split"])})  # fmt: skip
     db_reused = before is not None and manifest.stat().st_mtime_ns == before
     log(

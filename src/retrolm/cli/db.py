@@ -1,4 +1,7 @@
-"""`retrolm db build|info|search`: thin wrappers over `retrolm.db.database.RetrievalDB`."""
+"""`retrolm db build|info|search`: thin wrappers over `retrolm.db.database.RetrievalDB`.
+
+The build options are generated from the fields of `BuildSettings` (retrolm.db.build).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,8 @@ from pathlib import Path
 
 import typer
 
-from retrolm.errors import RetrolmError
-
-
-def _parse_split(text: str) -> tuple[int, int, int]:
-    try:
-        parts = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0:
-        raise RetrolmError(f"--split {text!r}: give three non-negative integers like 98,1,1 (train > 0)")
-    return parts  # type: ignore[return-value]
+from retrolm.cli.options import with_dataclass_options
+from retrolm.db.build import BuildSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -25,25 +19,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
 
     @db_app.command("build")
+    @with_dataclass_options(BuildSettings, into="settings")
     def build(
-        corpus: str = typer.Option(..., "--corpus", help="directory of .txt/.md, .jsonl(.gz), .parquet or builtin:NAME"),
-        out: Path = typer.Option(..., "--out", help="database directory to create (or resume)"),
-        retriever: str = typer.Option("dense", "--retriever", help="dense | bm25"),
-        chunk_size: int = typer.Option(64, "--chunk-size"),
-        vocab_size: int = typer.Option(8192, "--vocab-size"),
-        tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer.json or HF dir instead of training"),
-        neighbors: int = typer.Option(8, "--neighbors"),
-        index: str | None = typer.Option(None, "--index", help="FAISS factory string (default: chosen by size)"),
-        nprobe: int | None = typer.Option(None, "--nprobe"),
-        split: str = typer.Option("98,1,1", "--split"),
-        seed: int = typer.Option(0, "--seed"),
-        near_dedup: bool = typer.Option(False, "--near-dedup", help="also drop MinHash near-duplicates"),
-        text_field: str = typer.Option("text", "--text-field"),
-        embedder: str | None = typer.Option(None, "--embedder", help="local HF encoder dir (default MiniLM)"),
-        embed_batch_size: int = typer.Option(64, "--embed-batch-size"),
-        bf16: bool = typer.Option(False, "--bf16", help="embed in bfloat16"),
+        settings: BuildSettings,
+        out: Path = typer.Option(..., "--out", help="database directory to create, resume or repair"),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace a complete database built with other settings"
+        ),
     ) -> None:
-        """Build the retrieval database (resumes an interrupted build with the same settings)."""
+        """Build the retrieval database (resumes an interrupted build, repairs a damaged one)."""
         import time
         import warnings
 
@@ -52,12 +36,7 @@ def register(app: typer.Typer) -> None:
         warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
 
         t0 = time.time()
-        db = RetrievalDB.build(
-            corpus, out, retriever=retriever, chunk_size=chunk_size, vocab_size=vocab_size, tokenizer=tokenizer,
-            neighbors=neighbors, index=index, nprobe=nprobe, split=_parse_split(split), seed=seed,
-            near_dedup=near_dedup, text_field=text_field, embedder=embedder, embed_batch_size=embed_batch_size,
-            embed_dtype="bf16" if bf16 else "fp32",
-        )
+        db = RetrievalDB.build(settings, out, overwrite=overwrite)
         _print_info(db.info(), time.time() - t0)
 
     @db_app.command("info")

@@ -75,8 +75,13 @@ class BM25Retriever:
             raise RetrolmError(f"BM25 index {directory} is unreadable ({exc}); rebuild the database") from exc
         return cls(model, _stopwords())
 
-    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k chunks per query, best first; -1 / -inf where fewer than k match a word."""
+    def search(self, texts: list[str], k: int, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k chunks per query, best first; -1 / -inf where fewer than k match a word.
+
+        `exclude=(lo, hi)` leaves chunk ids lo..hi-1 out of every query's results, exactly
+        as if they were dropped from the full ranking (the neighbour stage's
+        same-document rule, without searching deeper).
+        """
         scores = np.full((len(texts), k), -np.inf, dtype=np.float32)  # (Q, k)
         ids = np.full((len(texts), k), -1, dtype=np.int64)  # (Q, k)
         for q, text in enumerate(texts):
@@ -84,10 +89,19 @@ class BM25Retriever:
             if not token_ids:
                 continue
             s = self._bm25.get_scores_from_ids(token_ids)  # (N,)
+            if exclude is not None:
+                s = s.copy()
+                s[exclude[0] : exclude[1]] = 0  # zero scores never enter the results
             kk = min(k, len(s))
-            top = np.argpartition(-s, kk - 1)[:kk] if kk < len(s) else np.arange(len(s))
-            top = top[np.lexsort((top, -s[top]))]  # best first, ties by lower id
+            if kk < len(s):  # every chunk tied with the k-th best competes: ties go to lower ids
+                cut = s[np.argpartition(-s, kk - 1)[:kk]].min()
+                top = np.flatnonzero(s >= cut) if cut > 0 else np.flatnonzero(s > 0)
+            else:
+                top = np.arange(len(s))
+            top = top[np.lexsort((top, -s[top]))][:kk]  # best first, ties by lower id
             top = top[s[top] > 0]
             scores[q, : len(top)] = s[top]
             ids[q, : len(top)] = top
         return scores, ids
+
+    can_exclude = True

@@ -28,15 +28,43 @@ class DenseRetriever:
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.search_vectors(self.embedder.encode(texts), k)
 
-    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search with precomputed unit vectors (float [q, dim])."""
+    @property
+    def can_exclude(self) -> bool:
+        """Can `search_vectors` leave an id range out (exact Flat and plain IVF indexes)?"""
+        import faiss
+
+        return isinstance(self.index, (faiss.IndexFlat, faiss.IndexIVF))
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search with precomputed unit vectors (float [q, dim]); `exclude=(lo, hi)` leaves
+        ids lo..hi-1 out of the results (needs `can_exclude`)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, dim)
         if len(q) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        scores, ids = self.index.search(q, k)  # (Q, k), (Q, k)
+        if exclude is None:
+            scores, ids = self.index.search(q, k)  # (Q, k), (Q, k)
+        else:
+            params, keep = self._excluding(*exclude)
+            scores, ids = self.index.search(q, k, params=params)
+            del keep
         scores = scores.astype(np.float32)
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64)
+
+    def _excluding(self, lo: int, hi: int):
+        """FAISS search parameters leaving ids [lo, hi) out, and the selectors they point
+        to (the caller keeps those alive: FAISS does not own them)."""
+        import faiss
+
+        inner = faiss.IDSelectorRange(lo, hi)
+        selector = faiss.IDSelectorNot(inner)
+        if isinstance(self.index, faiss.IndexIVF):  # keep the index's own nprobe
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return params, (inner, selector)
 
 
 def retriever_manifest_section(

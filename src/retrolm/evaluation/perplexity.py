@@ -71,7 +71,10 @@ def check_compatible(db: Any, model_dir: Path, config: Any) -> None:
     manifest = Path(trained_on) / "manifest.json" if trained_on else None
     if manifest is None or not manifest.is_file():
         return  # that database is gone: vocabulary and chunk size are all we can check
-    theirs = json.loads(manifest.read_text())["files"].get("tokenizer.json", {}).get("sha256")
+    try:
+        theirs = json.loads(manifest.read_text())["files"].get("tokenizer.json", {}).get("sha256")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # that manifest is damaged: nothing to compare against
     ours = db.manifest["files"].get("tokenizer.json", {}).get("sha256")
     if theirs and ours and theirs != ours:
         raise RetrolmError(
