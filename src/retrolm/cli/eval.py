@@ -35,10 +35,10 @@ def eval_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Evaluate checkpoints on a held-out split of their database."""
+    from retrolm.checkpoints import resolve_checkpoint_dir
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
     from retrolm.evaluation.perplexity import content_gain, evaluate, to_markdown
-    from retrolm.loading import resolve_checkpoint_dir
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")

@@ -20,15 +20,24 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from retrolm.checkpoints import (
+    CONFIG,
+    check_fits,
+    load_checkpoint,
+    resolve_checkpoint_dir,
+    save_model,
+)
 from retrolm.errors import RetrolmError
-from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
 from retrolm.model.config import default_cca_layers
 from retrolm.model.retro import Retro, is_retrieval_parameter
+
+if TYPE_CHECKING:
+    from retrolm.training.trainer import TrainConfig
 
 REPORT = "retrofit.json"
 
@@ -43,9 +52,9 @@ def source_kind(path: str | os.PathLike[str]) -> str:
         raise RetrolmError(f"source {p} does not exist; pass a retrolm checkpoint or an HF model dir")
     directory = resolve_checkpoint_dir(p)
     try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        data = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise RetrolmError(f"cannot read {directory / 'config.json'}: {err}") from None
+        raise RetrolmError(f"cannot read {directory / CONFIG}: {err}") from None
     return "hf" if "model_type" in data else "retrolm"
 
 
@@ -248,7 +257,7 @@ def retrofit(
     source: str | os.PathLike[str],
     db_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    train_config: Any = None,
+    train_config: TrainConfig | None = None,
     *,
     freeze: bool = True,
     cca_layers: list[int] | None = None,
@@ -266,12 +275,13 @@ def retrofit(
     to the source's.
     """
     from retrolm.db.database import RetrievalDB
-    from retrolm.model.checkpoint import save_model
     from retrolm.training.trainer import TrainConfig, train
 
     cfg = train_config or TrainConfig()
     out = Path(out_dir)
     db = RetrievalDB.open(db_path)
+    if source_kind(source) == "retrolm":  # tokenizer and vocabulary of the GPT vs the database
+        check_fits(source, db)
     model, src = build_retrofit(
         source, db.vocab_size, db.chunk_size, cca_layers=cca_layers, enc_layers=enc_layers,
         enc_d_model=enc_d_model, n_neighbors=n_neighbors, pad_id=db.tokenizer.pad_id,
@@ -282,7 +292,7 @@ def retrofit(
         cfg = dataclasses.replace(cfg, seq_len=seq_len)
     counts = parameter_counts(model)
     trainable = freeze_decoder(model) if freeze else counts["total"]
-    if freeze and getattr(cfg, "replay_share", 0.0):
+    if freeze and cfg.replay_share:
         raise RetrolmError(
             "--replay-share needs full training: with --freeze-decoder only encoder + CCA train, "
             "and replayed sequences (no neighbours) give them no gradient"
@@ -302,8 +312,7 @@ def retrofit(
     }
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out / "init")
-    if hasattr(cfg, "rewarm"):
-        cfg = dataclasses.replace(cfg, rewarm=True)
+    cfg = dataclasses.replace(cfg, rewarm=True)
     t0 = time.perf_counter()
     final = train(db_path, model, out, cfg)
     seconds = time.perf_counter() - t0
