@@ -152,7 +152,7 @@ def test_check_fits_compares_tokenizer_vocabulary_chunk_size_and_k(tiny_db, tmp_
     (directory / "tokenizer.json").write_text('{"another": "tokenizer"}')
     with pytest.raises(RetrolmError, match="another tokenizer"):
         check_fits(directory, tiny_db)
-    for change, words in ((dict(vocab_size=600), "vocabulary 600"), (dict(chunk_size=8), "chunk size 8")):
+    for change, words in ((dict(vocab_size=600), "has 600 tokens"), (dict(chunk_size=8), "m=8")):
         other = RetroConfig.from_name("tiny", **{"vocab_size": tiny_db.vocab_size, **change})
         with pytest.raises(RetrolmError, match=words):
             check_fits(Retro(other), tiny_db)

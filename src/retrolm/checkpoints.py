@@ -322,17 +322,17 @@ def check_fits(
     ours = _db_tokenizer_sha(db)
     if theirs and ours and theirs != ours:
         raise RetrolmError(
-            f"{name} was trained with another tokenizer than database {db.path}'s; "
+            f"tokenizer mismatch: {name} was trained with another tokenizer than database {db.path}'s; "
             "use the database it was trained on (or one built with --tokenizer from it)"
         )
     if config.vocab_size != db.vocab_size:
         raise RetrolmError(
-            f"{name} has vocabulary {config.vocab_size}, database {db.path} {db.vocab_size}; "
+            f"vocabulary mismatch: {name} has {config.vocab_size} tokens, database {db.path} {db.vocab_size}; "
             "use the database it was trained on"
         )
     if config.cca_layers and config.chunk_size != db.chunk_size:
         raise RetrolmError(
-            f"{name} uses chunk size {config.chunk_size}, database {db.path} {db.chunk_size}; "
+            f"chunk size mismatch: {name} uses m={config.chunk_size}, database {db.path} m={db.chunk_size}; "
             "use the database it was trained on"
         )
     k = int(k) if k is not None else int(config.n_neighbors)
