@@ -32,8 +32,10 @@ def _complete_db(path: Path) -> bool:
 
 
 def _kind(checkpoint: Path) -> str | None:
+    from retrolm.checkpoints import CONFIG
+
     try:
-        cfg = json.loads((checkpoint / "config.json").read_text())
+        cfg = json.loads((checkpoint / CONFIG).read_text())
     except (OSError, ValueError):
         return None
     return "retro" if cfg.get("cca_layers") else "gpt"

@@ -634,6 +634,7 @@ def run_demo(
     `train_overrides` / `model_overrides` change TrainConfig / model config fields (for
     experiments; they are part of the stored plan).
     """
+    from retrolm.checkpoints import FINAL, WEIGHTS
     from retrolm.db.database import RetrievalDB
     from retrolm.evaluation.perplexity import evaluate
     from retrolm.model.config import RetroConfig
@@ -736,8 +737,8 @@ def run_demo(
               "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
     per_seed: list[dict[str, Any]] = []
     for s, runs in enumerate(seed_runs):
-        finals = [runs["GPT"] / "final", runs["RETRO"] / "final"]
-        entry_key = {**common, "weights": [sha256_file(f / "model.safetensors") for f in finals]}
+        finals = [runs["GPT"] / FINAL, runs["RETRO"] / FINAL]
+        entry_key = {**common, "weights": [sha256_file(f / WEIGHTS) for f in finals]}
         entry = cache["entries"].get(f"seed {s}")
         if entry is not None and entry.get("key") == entry_key:
             log(f"reusing the evaluation of the seed-{s} checkpoints (eval_cache.json)")

@@ -333,7 +333,7 @@ def evaluate(
     `n_neighbors` of the RETRO checkpoints (2 without one); seq_len to the first
     checkpoint's training sequence length. Returns a JSON-able dict (see `to_markdown`).
     """
-    from retrolm.checkpoints import check_fits, load_checkpoint, resolve_checkpoint_dir
+    from retrolm.checkpoints import FINAL, check_fits, load_checkpoint, resolve_checkpoint_dir
 
     if not checkpoint_dirs:
         raise RetrolmError("pass at least one --checkpoint")
@@ -354,7 +354,7 @@ def evaluate(
 
     rows: list[dict[str, Any]] = []
     for d, model in models:
-        label = d.parent.name if d.name == "final" else d.name
+        label = d.parent.name if d.name == FINAL else d.name
         before = len(rows)
         if model.config.cca_layers:
             rows.append(_row("RETRO", d, score_sequences(model, db, data, True, batch_size, device), data))

@@ -101,14 +101,15 @@ def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval
     explicit config whose chunk size differs from the database's is refused, because
     its CCA layers would cut sequences into chunks the neighbours were not retrieved for.
     """
+    from retrolm.checkpoints import CONFIG
     from retrolm.model.config import RetroConfig
 
     if isinstance(model, RetroConfig):
         config = model
     else:
         path = Path(str(model))
-        if path.is_dir() and (path / "config.json").is_file():
-            path = path / "config.json"
+        if path.is_dir() and (path / CONFIG).is_file():
+            path = path / CONFIG
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise RetrolmError(
