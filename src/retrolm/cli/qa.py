@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +26,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(qa_app, name="qa")
 
 
-def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Any, Any, Any]:
+def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Retro, Tokenizer, RetrievalDB]:
     from retrolm.checkpoints import check_fits, load_checkpoint
     from retrolm.db.database import RetrievalDB
 
@@ -33,7 +38,7 @@ def _load(checkpoint: Path, db: Path | None, device: str) -> tuple[Any, Any, Any
     return model, opened.tokenizer, opened
 
 
-def _k(model: Any, k: int | None) -> int:
+def _k(model: Retro, k: int | None) -> int:
     """--k, else the k a RETRO model was trained with (checkpoint config), else 3 passages."""
     if k is not None:
         return k

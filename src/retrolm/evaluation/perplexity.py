@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from retrolm.evaluation.metrics import (
     perplexity,
 )
 
+if TYPE_CHECKING:
+    from retrolm.model.config import RetroConfig
+
 MODES_GPT = ("GPT", "RAG_GPT")
 MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
 
@@ -55,7 +58,7 @@ MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def trained_seq_len(model_dir: Path, config: Any) -> int:
+def trained_seq_len(model_dir: Path, config: RetroConfig) -> int:
     """The sequence length the checkpoint was trained with (else the model's max_seq_len)."""
     from retrolm.checkpoints import trainer_state
 

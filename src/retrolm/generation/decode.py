@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,11 @@ from retrolm.errors import RetrolmError
 from retrolm.generation.retrieval import ChunkRetrieval, OnlineRetriever
 from retrolm.generation.sampling import SamplingParams, choose_next
 from retrolm.generation.speculative import DraftBudget, propose_draft
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -326,7 +331,7 @@ def generate(
 
 def load_for_generation(
     checkpoint: str | Path, db: str | Path | None = None, device: str = "cpu"
-) -> tuple[Any, Any, Any]:
+) -> tuple[Retro, Tokenizer, RetrievalDB | None]:
     """(model, tokenizer, db or None) for a checkpoint, checked against each other.
 
     The tokenizer comes from `db`; without one, from the checkpoint's own tokenizer.json
