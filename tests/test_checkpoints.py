@@ -158,3 +158,23 @@ def test_check_fits_compares_tokenizer_vocabulary_chunk_size_and_k(tiny_db, tmp_
             check_fits(Retro(other), tiny_db)
     gpt = Retro(RetroConfig.from_name("tiny", vocab_size=tiny_db.vocab_size, chunk_size=8).as_gpt())
     check_fits(gpt, tiny_db)  # a GPT does not care about the chunk size
+
+
+def test_sorting_the_safetensors_header_keeps_the_tensors(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from retrolm.checkpoints import _sort_header_metadata
+
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(2, 3)}
+    meta = {f"key{i}": str(i) for i in range(8)}  # hash-map order: sorted by chance 1 in 40320
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata=meta)
+    size = (tmp_path / "w.safetensors").stat().st_size
+    _sort_header_metadata(tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(meta) and len(data) == size
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as handle:
+        assert handle.metadata() == meta
