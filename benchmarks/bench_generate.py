@@ -33,8 +33,10 @@ def _complete_db(path: Path) -> bool:
 
 
 def _kind(checkpoint: Path) -> str | None:
+    from retrolm.checkpoints import CONFIG
+
     try:
-        cfg = json.loads((checkpoint / "config.json").read_text())
+        cfg = json.loads((checkpoint / CONFIG).read_text())
     except (OSError, ValueError):
         return None
     return "retro" if cfg.get("cca_layers") else "gpt"
@@ -55,6 +57,8 @@ def find_setup(args) -> dict:
         db = ROOT / "runs/bench-gen/db"
         notes.append("built runs/bench-gen/db from builtin:pydocs")
         RetrievalDB.build("builtin:pydocs", db)
+    from retrolm.checkpoints import tokenizer_sha
+
     found = {"retro": args.retro_checkpoint, "gpt": args.gpt_checkpoint}
     db_tok = json.loads((db / "manifest.json").read_text())["files"]["tokenizer.json"]["sha256"]
     for kind in ("retro", "gpt"):
@@ -63,12 +67,7 @@ def find_setup(args) -> dict:
         for final in sorted((ROOT / "runs/demo").glob("**/final")) + sorted(
             (ROOT / "runs/bench-gen").glob("*/final")
         ):
-            state = final / "trainer_state.json"
-            trained_on = json.loads(state.read_text()).get("database") if state.is_file() else None
-            same_db = trained_on is not None and _complete_db(Path(trained_on)) and json.loads(
-                (Path(trained_on) / "manifest.json").read_text()
-            )["files"]["tokenizer.json"]["sha256"] == db_tok
-            if _kind(final) == kind and same_db:
+            if _kind(final) == kind and tokenizer_sha(final) == db_tok:
                 found[kind] = str(final)
                 break
         if not found[kind]:
@@ -85,17 +84,17 @@ def find_setup(args) -> dict:
 
 def bench_decoding(setup: dict, args) -> None:
 
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.db.database import RetrievalDB
     from retrolm.evaluation.degeneration import held_out_prompts
     from retrolm.generation.decode import generate
-    from retrolm.model.checkpoint import load_model
 
     db = RetrievalDB.open(setup["db"], verify=False)
     prompts = held_out_prompts(db, args.prompts, args.prompt_tokens, seed=0)
     texts = [db.tokenizer.decode(p) for p in prompts]
     speed = {}
     for kind in ("retro", "gpt"):
-        model = load_model(setup[kind], map_location=args.device).eval()
+        model = load_checkpoint(setup[kind], map_location=args.device).eval()
         kw = dict(db=db, max_new_tokens=args.max_new_tokens, greedy=True, draft_len=args.draft_len)
         generate(model, db.tokenizer, texts[:1], prompt_ids=prompts[:1], **{**kw, "max_new_tokens": 8})
         modes = {"plain": {}, "speculative": {"speculative": True}}
@@ -147,16 +146,16 @@ def bench_step_growth(setup: dict, args, lengths: tuple[int, int] = (128, 1024),
     """
     import torch
 
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.db.database import RetrievalDB
     from retrolm.evaluation.degeneration import held_out_prompts
     from retrolm.generation.retrieval import OnlineRetriever
-    from retrolm.model.checkpoint import load_model
 
     db = RetrievalDB.open(setup["db"], verify=False)
     prompt = held_out_prompts(db, 1, args.prompt_tokens, seed=0)[0]
     short, long = lengths
     for kind in ("retro", "gpt"):
-        model = load_model(setup[kind], map_location=args.device).eval()
+        model = load_checkpoint(setup[kind], map_location=args.device).eval()
         device = next(model.parameters()).device
         retriever = OnlineRetriever(db, model.config.n_neighbors, 1, device) if kind == "retro" else None
         logits, cache = model.step(torch.tensor([prompt], device=device), None, retriever)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_checkpoint(tiny_db, tmp_path_factory):
     import torch
 
-    from retrolm.model.checkpoint import save_model
+    from retrolm.checkpoints import save_model
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
 

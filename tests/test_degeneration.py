@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrolm.checkpoints import save_model
 from retrolm.errors import RetrolmError
 from retrolm.evaluation.degeneration import evaluate_degeneration, held_out_prompts
 from retrolm.evaluation.metrics import distinct_n, has_repetition, mean_length, repetition_rate
-from retrolm.model.checkpoint import save_model
 from test_generate import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -65,6 +65,7 @@ def test_shuffle_is_a_fixed_derangement_within_equal_lengths():
 
 
 def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, runs, result):
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.evaluation.perplexity import (
         evaluate,
         find_row,
@@ -72,7 +73,6 @@ def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, ru
         score_sequences,
         shuffled_neighbour_ids,
     )
-    from retrolm.model.checkpoint import load_model
 
     data = prepare(tiny_db, "valid", SEQ, result["k"])
     wrong = shuffled_neighbour_ids(data)
@@ -84,7 +84,7 @@ def test_shuffled_rows_use_the_same_wrong_neighbours_for_every_model(tiny_db, ru
     # the row is exactly RETRO scored with those ids, for each of two RETRO checkpoints in one call
     res = evaluate(tiny_db, [runs["retro"], runs["gpt"], runs["retro"]], split="valid", rag=False)
     rows = [r for r in res["rows"] if r["model"] == "RETRO-shuffled"]
-    model = load_model(runs["retro"])
+    model = load_checkpoint(runs["retro"])
     want = score_sequences(model, tiny_db, data, True, neighbour_ids=wrong).sum()
     assert len(rows) == 2 and all(r["nll_nats"] == pytest.approx(want, rel=1e-9) for r in rows)
     assert find_row(res, "RETRO-shuffled")["nll_nats"] == pytest.approx(
@@ -120,11 +120,11 @@ def test_overlap_buckets_monotone_and_complete(result):
 
 
 def test_retro_off_equals_gpt_with_the_same_weights(tiny_db, runs, tmp_path):
+    from retrolm.checkpoints import load_checkpoint, save_model
     from retrolm.evaluation.perplexity import evaluate, find_row
-    from retrolm.model.checkpoint import load_model, save_model
     from retrolm.model.retro import Retro
 
-    retro = load_model(runs["retro"])
+    retro = load_checkpoint(runs["retro"])
     gpt = Retro(retro.config.as_gpt())
     missing, _ = gpt.load_state_dict(retro.state_dict(), strict=False)
     assert not [k for k in missing if k != "lm_head.weight"]
@@ -139,8 +139,8 @@ def test_retro_off_equals_gpt_with_the_same_weights(tiny_db, runs, tmp_path):
 def test_rag_gpt_context_is_neighbour_then_eos_then_own_tokens(tiny_db, runs):
     import torch
 
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.evaluation.perplexity import prepare, rag_inputs, score_rag, score_sequences
-    from retrolm.model.checkpoint import load_model
 
     data = prepare(tiny_db, "valid", SEQ, 2)
     m, eos = data.m, tiny_db.tokenizer.eos_id
@@ -160,7 +160,7 @@ def test_rag_gpt_context_is_neighbour_then_eos_then_own_tokens(tiny_db, runs):
     for w, scored_tokens in got.items():  # each chunk's tokens are scored exactly once
         assert scored_tokens == data.stream[max(1, w * m) : (w + 1) * m].tolist()
     # a chunk without a neighbour (chunk 0) is scored exactly as the plain GPT scores it
-    gpt = load_model(runs["gpt"])
+    gpt = load_checkpoint(runs["gpt"])
     with torch.no_grad():
         rag = score_rag(gpt, tiny_db, data)
         plain = score_sequences(gpt, tiny_db, data, retrieval=False)
@@ -169,8 +169,8 @@ def test_rag_gpt_context_is_neighbour_then_eos_then_own_tokens(tiny_db, runs):
 
 
 def test_cli_refuses_mismatched_and_missing_checkpoints(tiny_db_path, tmp_path, capsys):
+    from retrolm.checkpoints import save_model
     from retrolm.cli import main
-    from retrolm.model.checkpoint import save_model
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
 

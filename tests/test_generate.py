@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from retrolm.checkpoints import save_model
 from retrolm.errors import RetrolmError
 from retrolm.generation.decode import MAX_NEW_TOKENS, TextStream, generate, load_for_generation
 from retrolm.generation.retrieval import OnlineRetriever
 from retrolm.generation.sampling import SamplingParams, apply_repetition_penalty
-from retrolm.model.checkpoint import save_model
 from retrolm.model.config import RetroConfig
 from retrolm.model.retro import Retro
 

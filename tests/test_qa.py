@@ -235,7 +235,7 @@ def test_score_and_selection(items):
 
 
 def test_cli(facts_db, qa_file, tmp_path):
-    from retrolm.model.checkpoint import save_model
+    from retrolm.checkpoints import save_model
 
     retro_dir, gpt_dir = tmp_path / "retro", tmp_path / "gpt"
     save_model(_model(facts_db), retro_dir)

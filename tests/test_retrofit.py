@@ -124,7 +124,7 @@ def test_retrieval_off_equals_retrolm_source(gpt_dir, twin_db):
 
 
 def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
-    from retrolm.model.checkpoint import save_model
+    from retrolm.checkpoints import save_model
     from retrolm.retrofit.hf_gpt2 import GPT2Retro
     from retrolm.retrofit.pipeline import build_retrofit, load_checkpoint
 
@@ -222,7 +222,8 @@ def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twi
 
 
 def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db, tmp_path):
-    from retrolm.retrofit.pipeline import load_checkpoint, retrofit
+    from retrolm.checkpoints import load_checkpoint
+    from retrolm.retrofit.pipeline import retrofit
 
     # Full training moves the pretrained decoder too, so the new parts get 3x its LR (the
     # usual recipe for freshly initialised parts). The margin is small (~0.1% perplexity):

@@ -68,7 +68,7 @@ def trained(tiny_db_path, tmp_path_factory):
     """Tiny RETRO and GPT trained 60 steps: they write the corpus' sentence templates, so
     their greedy output depends on the context and drafts are sometimes accepted, sometimes
     cut short (an untrained model loops on one token whatever the cache holds)."""
-    from retrolm.model.checkpoint import load_model
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.model.config import RetroConfig
     from retrolm.training.trainer import TrainConfig, train
 
@@ -79,7 +79,7 @@ def trained(tiny_db_path, tmp_path_factory):
         final = train(tiny_db_path, cfg if retro else cfg.as_gpt(), root / name, TrainConfig(
             tokens=64 * 8 * 60, batch_size=8, seq_len=64, lr=3e-3, retrieval=retro, progress=False,
             checkpoint_every=0))  # fmt: skip
-        out[name] = load_model(final).eval()
+        out[name] = load_checkpoint(final).eval()
     return out
 
 

@@ -186,7 +186,7 @@ def test_cli_refuses_bad_input_with_one_line(tiny_db_path, tmp_path, capsys):
 
 
 def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
-    from retrolm.model.checkpoint import load_model
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
@@ -194,7 +194,7 @@ def test_gpt_baseline_then_continued_training_rewarms(tiny_db_path, tmp_path):
         device="cpu", progress=False, warmup_steps=1,
     )  # fmt: skip
     first = train(tiny_db_path, "tiny", tmp_path / "gpt", cfg)
-    gpt = load_model(first)
+    gpt = load_checkpoint(first)
     assert gpt.config.cca_layers == []
     state = ckpt.read_trainer_state(first)
     assert state["step"] == 3 and state["tokens_seen"] == 3 * 4 * 32
@@ -266,9 +266,9 @@ def test_frozen_parameters_stay_frozen_across_a_resume(tiny_db, tiny_db_path, tm
     cfg.resume = True
     final = train(tiny_db_path, "tiny", out, cfg)
 
-    from retrolm.model.checkpoint import load_model
+    from retrolm.checkpoints import load_checkpoint
 
-    trained = load_model(final)
+    trained = load_checkpoint(final)
     for name, param in trained.blocks.named_parameters():
         assert torch.equal(param, before[name]), name
     assert not torch.equal(trained.encoder.proj_in.weight, encoder_before)  # the rest trained

@@ -17,7 +17,7 @@ _PUBLIC = {
     "RetrievalDB": "retrolm.db.database",
     "RetroConfig": "retrolm.model.config",
     "Retro": "retrolm.model.retro",
-    "load_checkpoint": "retrolm.loading",
+    "load_checkpoint": "retrolm.checkpoints",
     "TrainConfig": "retrolm.training.trainer",
     "train": "retrolm.training.trainer",
     "evaluate": "retrolm.evaluation.perplexity",

@@ -146,12 +146,10 @@ def run_dirs(out: Path, seed: int) -> dict[str, Path]:
 
 
 def _finished(run_dir: Path) -> dict[str, Any] | None:
-    state = run_dir / "final" / "trainer_state.json"
-    if state.is_file():
-        data = json.loads(state.read_text())
-        if data.get("finished"):
-            return data
-    return None
+    from retrolm.checkpoints import FINAL, trainer_state
+
+    data = trainer_state(run_dir / FINAL)
+    return data if data is not None and data.get("finished") else None
 
 
 def _train(db_dir: Path, config: Any, run_dir: Path, settings: dict[str, Any], retrieval: bool,
@@ -269,8 +267,8 @@ def _retro_chunks(
 def sample_generations(db: Any, runs: dict[str, Path], split: str, sample: SampleSettings,
                        k: int) -> dict[str, Any]:  # fmt: skip
     """One sampled continuation per model of the first long enough held-out document's opening."""
+    from retrolm.checkpoints import load_checkpoint
     from retrolm.generation.decode import generate
-    from retrolm.loading import load_checkpoint
 
     n_prompt, n_new = sample.prompt_tokens, sample.new_tokens
     stream = db.streams[split]
@@ -284,7 +282,7 @@ def sample_generations(db: Any, runs: dict[str, Path], split: str, sample: Sampl
     out: dict[str, Any] = {"split": split, "prompt": db.tokenizer.decode(prompt),
                            "reference": db.tokenizer.decode(truth), "samples": {}}  # fmt: skip
     for name, run_dir in runs.items():
-        model = load_checkpoint(run_dir / "final").eval()
+        model = load_checkpoint(run_dir).eval()
         res = generate(model, db.tokenizer, out["prompt"], db=db, max_new_tokens=n_new, greedy=False,
                        temperature=sample.temperature, top_p=sample.top_p,
                        repetition_penalty=sample.repetition_penalty, seed=sample.seed, k=k,
@@ -636,6 +634,7 @@ def run_demo(
     `train_overrides` / `model_overrides` change TrainConfig / model config fields (for
     experiments; they are part of the stored plan).
     """
+    from retrolm.checkpoints import FINAL, WEIGHTS
     from retrolm.db.database import RetrievalDB
     from retrolm.evaluation.perplexity import evaluate
     from retrolm.model.config import RetroConfig
@@ -738,8 +737,8 @@ def run_demo(
               "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
     per_seed: list[dict[str, Any]] = []
     for s, runs in enumerate(seed_runs):
-        finals = [runs["GPT"] / "final", runs["RETRO"] / "final"]
-        entry_key = {**common, "weights": [sha256_file(f / "model.safetensors") for f in finals]}
+        finals = [runs["GPT"] / FINAL, runs["RETRO"] / FINAL]
+        entry_key = {**common, "weights": [sha256_file(f / WEIGHTS) for f in finals]}
         entry = cache["entries"].get(f"seed {s}")
         if entry is not None and entry.get("key") == entry_key:
             log(f"reusing the evaluation of the seed-{s} checkpoints (eval_cache.json)")

@@ -38,10 +38,10 @@ def eval_command(
     device: str | None = device_option(),
 ) -> None:
     """Evaluate checkpoints on a held-out split of their database."""
+    from retrolm.checkpoints import resolve_checkpoint_dir
     from retrolm.db.database import RetrievalDB
     from retrolm.errors import RetrolmError
     from retrolm.evaluation.perplexity import content_gain, evaluate, to_markdown
-    from retrolm.loading import resolve_checkpoint_dir
 
     if split not in ("valid", "test"):
         raise RetrolmError(f"--split {split!r}: choose valid or test (held-out documents only)")

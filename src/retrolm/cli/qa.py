@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from retrolm.cli.device import device_option, resolve_device
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 
 
 def register(app: typer.Typer) -> None:
@@ -22,24 +27,23 @@ def register(app: typer.Typer) -> None:
     app.add_typer(qa_app, name="qa")
 
 
-def _load(checkpoint: Path, db: Path | None, device: str | None) -> tuple[Any, Any, Any]:
+def _load(checkpoint: Path, db: Path | None, device: str | None) -> tuple[Retro, Tokenizer, RetrievalDB]:
+    from retrolm.checkpoints import check_fits, load_checkpoint
     from retrolm.db.database import RetrievalDB
-    from retrolm.retrofit.pipeline import load_checkpoint
 
     if db is None:
         raise RetrolmError("pass --db <database the model was trained on> (tokenizer and retrieval)")
-    model = load_checkpoint(checkpoint, map_location=resolve_device(device)).eval()
     opened = RetrievalDB.open(db, verify=False)
-    if opened.vocab_size != model.config.vocab_size:
-        raise RetrolmError(
-            f"vocabulary mismatch: the checkpoint has {model.config.vocab_size} tokens, the database "
-            f"{opened.vocab_size}; use the database the model was trained on"
-        )
-    if model.config.cca_layers and opened.chunk_size != model.config.chunk_size:
-        raise RetrolmError(
-            f"chunk size mismatch: checkpoint m={model.config.chunk_size}, database m={opened.chunk_size}"
-        )
+    check_fits(checkpoint, opened)
+    model = load_checkpoint(checkpoint, map_location=resolve_device(device)).eval()
     return model, opened.tokenizer, opened
+
+
+def _k(model: Retro, k: int | None) -> int:
+    """--k, else the k a RETRO model was trained with (checkpoint config), else 3 passages."""
+    if k is not None:
+        return k
+    return int(model.config.n_neighbors) if model.config.cca_layers else 3
 
 
 def _items(data: str, subset: str, kind: str | None, limit: int | None, seed: int) -> list[Any]:
@@ -80,7 +84,10 @@ def qa_command(
     mode: str = typer.Option(
         "rag", "--mode", help="closed-book | rag | retro | retro++ | iter-retgen"
     ),
-    k: int = typer.Option(3, "--k", help="Passages per question (retrieved when the item has none)."),
+    k: int | None = typer.Option(
+        None, "--k", help="Passages per question (retrieved when the item has none); default: "
+        "a RETRO model's training k, 3 for a GPT."
+    ),
     reorder: bool = typer.Option(False, "--reorder", help="RAG: strongest passages first and last."),
     iter_reader: str | None = typer.Option(
         None, "--iter-reader", help="iter-retgen reader: rag | retro | retro++ (default by model)."
@@ -105,7 +112,7 @@ def qa_command(
     model, tokenizer, opened = _load(checkpoint, db, device)
     items = _items(data, subset, kind, limit, seed)
     _warn_if_documents_missing(items, opened, data)
-    source = PassageSource(opened, tokenizer, k, model.config.neighbor_len, tokenizer.pad_id)
+    source = PassageSource(opened, tokenizer, _k(model, k), model.config.neighbor_len, tokenizer.pad_id)
     records = answer_items(
         model, tokenizer, items, mode, source, reorder=reorder, iter_reader=iter_reader,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -131,7 +138,9 @@ def finetune_command(
     data: str = typer.Option(..., "--data", help="QA JSONL file, or builtin:facts."),
     out: Path = typer.Option(..., "--out", help="Directory for the fine-tuned model."),
     mode: str = typer.Option("rag", "--mode", help="The mode whose inputs to train on."),
-    k: int = typer.Option(3, "--k", help="Passages per question."),
+    k: int | None = typer.Option(
+        None, "--k", help="Passages per question; default: a RETRO model's training k, 3 for a GPT."
+    ),
     reorder: bool = typer.Option(False, "--reorder", help="RAG: strongest passages first and last."),
     subset: str = typer.Option(
         "finetune", "--subset", help="all | finetune | eval (default: the finetune half)."
@@ -148,14 +157,14 @@ def finetune_command(
     import torch
 
     from retrolm.atomic import write_json
-    from retrolm.model.checkpoint import save_model
+    from retrolm.checkpoints import save_model
     from retrolm.qa.pipeline import PassageSource, finetune
 
     torch.manual_seed(seed)
     model, tokenizer, opened = _load(checkpoint, db, device)
     items = _items(data, subset, kind, limit, seed)
     _warn_if_documents_missing(items, opened, data)
-    source = PassageSource(opened, tokenizer, k, model.config.neighbor_len, tokenizer.pad_id)
+    source = PassageSource(opened, tokenizer, _k(model, k), model.config.neighbor_len, tokenizer.pad_id)
     losses = finetune(
         model, tokenizer, items, mode, source, steps=steps, batch_size=batch_size, lr=lr,
         reorder=reorder, seed=seed,

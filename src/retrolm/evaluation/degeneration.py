@@ -70,9 +70,9 @@ def evaluate_degeneration(
     "mean_length", "eos_share", "tokens_per_s", "examples"} (+ "generations": new token
     ids per prompt with `return_generations`)]}.
     """
+    from retrolm.checkpoints import check_fits, load_checkpoint
     from retrolm.db.database import RetrievalDB
-    from retrolm.generation.decode import check_compatible, generate
-    from retrolm.loading import load_checkpoint
+    from retrolm.generation.decode import generate
 
     if n_prompts < 1:
         raise RetrolmError(f"--prompts {n_prompts} must be >= 1")
@@ -85,8 +85,8 @@ def evaluate_degeneration(
     texts = [db.tokenizer.decode(p) for p in prompts]
     rows = []
     for ckpt in checkpoint_dirs:
+        check_fits(ckpt, db)
         model = load_checkpoint(ckpt).eval()
-        check_compatible(model, db.tokenizer, db)
         t0 = time.perf_counter()
         results = generate(
             model, db.tokenizer, texts, db=db, prompt_ids=prompts, max_new_tokens=max_new_tokens,

@@ -32,11 +32,10 @@ also counts any gain from merely having neighbour-shaped input.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +48,9 @@ from retrolm.evaluation.metrics import (
     perplexity,
 )
 
+if TYPE_CHECKING:
+    from retrolm.model.config import RetroConfig
+
 MODES_GPT = ("GPT", "RAG_GPT")
 MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
 
@@ -56,41 +58,12 @@ MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def check_compatible(db: Any, model_dir: Path, config: Any) -> None:
-    """Refuse a checkpoint whose vocabulary, chunk size or tokenizer differ from the database's."""
-    if config.chunk_size != db.chunk_size or config.vocab_size != db.vocab_size:
-        raise RetrolmError(
-            f"checkpoint {model_dir} (chunk_size {config.chunk_size}, vocab {config.vocab_size}) does not "
-            f"match database {db.path} (chunk_size {db.chunk_size}, vocab {db.vocab_size}); "
-            "evaluate it on the database it was trained on"
-        )
-    state_file = model_dir / "trainer_state.json"
-    if not state_file.is_file():
-        return
-    trained_on = json.loads(state_file.read_text()).get("database")
-    manifest = Path(trained_on) / "manifest.json" if trained_on else None
-    if manifest is None or not manifest.is_file():
-        return  # that database is gone: vocabulary and chunk size are all we can check
-    try:
-        theirs = json.loads(manifest.read_text())["files"].get("tokenizer.json", {}).get("sha256")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return  # that manifest is damaged: nothing to compare against
-    ours = db.manifest["files"].get("tokenizer.json", {}).get("sha256")
-    if theirs and ours and theirs != ours:
-        raise RetrolmError(
-            f"checkpoint {model_dir} was trained with the tokenizer of {trained_on}, which differs from "
-            f"the tokenizer of {db.path}; evaluate it on the database it was trained on"
-        )
-
-
-def trained_seq_len(model_dir: Path, config: Any) -> int:
+def trained_seq_len(model_dir: Path, config: RetroConfig) -> int:
     """The sequence length the checkpoint was trained with (else the model's max_seq_len)."""
-    state_file = model_dir / "trainer_state.json"
-    if state_file.is_file():
-        n = json.loads(state_file.read_text()).get("seq_len")
-        if n:
-            return int(n)
-    return int(config.max_seq_len)
+    from retrolm.checkpoints import trainer_state
+
+    n = (trainer_state(model_dir) or {}).get("seq_len")
+    return int(n) if n else int(config.max_seq_len)
 
 
 # -- the evaluation data (shared by every model) ----------------------------------------------
@@ -363,7 +336,7 @@ def evaluate(
     `n_neighbors` of the RETRO checkpoints (2 without one); seq_len to the first
     checkpoint's training sequence length. Returns a JSON-able dict (see `to_markdown`).
     """
-    from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
+    from retrolm.checkpoints import FINAL, check_fits, load_checkpoint, resolve_checkpoint_dir
 
     if not checkpoint_dirs:
         raise RetrolmError("pass at least one --checkpoint")
@@ -374,9 +347,8 @@ def evaluate(
     dirs = [resolve_checkpoint_dir(c) for c in checkpoint_dirs]
     models = []
     for d in dirs:
-        model = load_checkpoint(d, map_location=device)
-        check_compatible(db, d, model.config)
-        models.append((d, model))
+        check_fits(d, db, k, stored_neighbours=True)
+        models.append((d, load_checkpoint(d, map_location=device)))
     retro_ks = [int(mdl.config.n_neighbors) for _, mdl in models if mdl.config.cca_layers]
     k = k if k is not None else (max(retro_ks) if retro_ks else 2)
     n = seq_len or trained_seq_len(dirs[0], models[0][1].config)
@@ -385,7 +357,7 @@ def evaluate(
 
     rows: list[dict[str, Any]] = []
     for d, model in models:
-        label = d.parent.name if d.name == "final" else d.name
+        label = d.parent.name if d.name == FINAL else d.name
         before = len(rows)
         if model.config.cca_layers:
             rows.append(_row("RETRO", d, score_sequences(model, db, data, True, batch_size, device), data))

@@ -23,12 +23,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +39,11 @@ from retrolm.generation.speculative import decode_speculative
 # Beyond this a request is most likely a typo (100000000), not a plan: at ~30-300 tokens/s
 # on a CPU, 16384 tokens already take minutes, and the KV cache grows with the text.
 MAX_NEW_TOKENS = 16384
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -306,7 +310,9 @@ def generate(
     if retro and db is None:
         raise RetrolmError("this is a RETRO checkpoint: pass --db <database> for online retrieval")
     if retro:
-        check_compatible(model, tokenizer, db)
+        from retrolm.checkpoints import check_fits
+
+        k = check_fits(model, db, k)
     k = int(k or model.config.n_neighbors)
     checker = StopChecker(tokenizer, stop, max_new_tokens)
     was_training = model.training
@@ -371,83 +377,40 @@ def generate(
 # ------------------------------------------------------------------------------- loading
 
 
-def check_compatible(model: Any, tokenizer: Any, db: Any) -> None:
-    """Refuse a database whose vocabulary or chunk size differs from the checkpoint's."""
-    cfg = model.config
-    if db.vocab_size != cfg.vocab_size or tokenizer.vocab_size != cfg.vocab_size:
-        raise RetrolmError(
-            f"tokenizer/vocabulary mismatch: the checkpoint has vocab {cfg.vocab_size}, the database "
-            f"{db.vocab_size}; use the database the model was trained on"
-        )
-    if _is_retro(model) and db.chunk_size != cfg.chunk_size:
-        raise RetrolmError(
-            f"chunk size mismatch: the checkpoint uses m={cfg.chunk_size}, the database "
-            f"m={db.chunk_size}; use the database the model was trained on"
-        )
-
-
-def _trained_on(checkpoint: Path) -> Path | None:
-    """The database recorded in the checkpoint's trainer_state.json, if any."""
-    state = checkpoint / "trainer_state.json"
-    if not state.is_file():
-        return None
-    try:
-        path = json.loads(state.read_text()).get("database")
-    except (OSError, ValueError):
-        return None
-    return Path(path) if path else None
-
-
-def _tokenizer_sha(db_dir: Path) -> str | None:
-    try:
-        manifest = json.loads((db_dir / "manifest.json").read_text())
-        return manifest["files"]["tokenizer.json"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def load_for_generation(
     checkpoint: str | Path, db: str | Path | None = None, device: str = "cpu"
-) -> tuple[Any, Any, Any]:
+) -> tuple[Retro, Tokenizer, RetrievalDB | None]:
     """(model, tokenizer, db or None) for a checkpoint, checked against each other.
 
     The tokenizer comes from `db`; without one, from the checkpoint's own tokenizer.json
     or the database recorded in its trainer_state.json. RETRO checkpoints need `db`.
     """
+    from retrolm.checkpoints import (
+        check_fits,
+        load_checkpoint,
+        resolve_checkpoint_dir,
+        tokenizer_file,
+    )
     from retrolm.db.database import RetrievalDB
-    from retrolm.loading import load_checkpoint
     from retrolm.tokenizer import Tokenizer
 
-    ckpt = Path(checkpoint)
-    if not ckpt.is_dir():
-        raise RetrolmError(f"checkpoint {str(ckpt)!r} does not exist; pass a directory like <run>/final")
+    ckpt = resolve_checkpoint_dir(checkpoint)
     model = load_checkpoint(ckpt, map_location=device).eval()
     opened = None
     if db is not None:
         opened = RetrievalDB.open(db, verify=False)
     elif _is_retro(model):
         raise RetrolmError(f"{ckpt} is a RETRO checkpoint: pass --db <database> for online retrieval")
-    trained = _trained_on(ckpt)
     if opened is not None:
+        check_fits(ckpt, opened)
         tokenizer = opened.tokenizer
-        if trained is not None and trained.is_dir():
-            ours, theirs = _tokenizer_sha(opened.path), _tokenizer_sha(trained)
-            if ours and theirs and ours != theirs:
-                raise RetrolmError(
-                    f"tokenizer mismatch: {ckpt} was trained on {trained}, whose tokenizer differs "
-                    f"from {opened.path}'s; use that database (or one built with --tokenizer from it)"
-                )
-        check_compatible(model, tokenizer, opened)
         if _is_retro(model):
             _ = opened.retriever  # load the encoder / index now, not inside the first step
-    elif (ckpt / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-    elif trained is not None and (trained / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.load(trained / "tokenizer.json")
     else:
-        raise RetrolmError(
-            f"no tokenizer for {ckpt}: pass --db <database the model was trained on>"
-        )
+        own = tokenizer_file(ckpt)
+        if own is None:
+            raise RetrolmError(f"no tokenizer for {ckpt}: pass --db <database the model was trained on>")
+        tokenizer = Tokenizer.load(own)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise RetrolmError(
             f"tokenizer/vocabulary mismatch: the tokenizer has {tokenizer.vocab_size} tokens, the "

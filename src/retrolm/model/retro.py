@@ -16,6 +16,7 @@ One code path serves training (`forward`) and incremental decoding (`step` with 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -300,18 +301,19 @@ class Retro(nn.Module):
 
         return flops_per_token(self.config, seq_len)["train"]
 
-    def save_pretrained(self, path: str) -> None:
-        """Save as a directory: config.json + model.safetensors."""
-        from retrolm.model.checkpoint import save_model
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Save as a model directory (retrolm.checkpoints: config.json + model.safetensors)."""
+        from retrolm.checkpoints import save_model  # imported here: it imports this module
 
         save_model(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu") -> Retro:
-        """Load a directory written by `save_pretrained`."""
-        from retrolm.model.checkpoint import load_model
+    def from_pretrained(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> Retro:
+        """Load a model directory or a run directory, whichever decoder it was built with
+        (the same `retrolm.checkpoints.load_checkpoint` every stage uses)."""
+        from retrolm.checkpoints import load_checkpoint  # imported here: it imports this module
 
-        return load_model(path, map_location=map_location)
+        return load_checkpoint(path, map_location=map_location)
 
     # -- neighbour sources ----------------------------------------------------------------
 

@@ -12,8 +12,7 @@ ordinary Retro ones (rotary positions inside chunk and neighbour).
 
 The checkpoint is an ordinary retrolm model directory; `config.extra["decoder"] ==
 "hf-gpt2"` and `config.extra["hf_config"]` (the source config.json) say how to rebuild
-it. Load it with `load_gpt2_retro` (or `retrolm.retrofit.pipeline.load_checkpoint`, which
-dispatches).
+it. `retrolm.checkpoints.load_checkpoint` loads it like any other model.
 """
 
 from __future__ import annotations
@@ -251,24 +250,6 @@ def _sub(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return out
 
 
-def load_gpt2_retro(directory: str | os.PathLike[str], map_location: str = "cpu") -> GPT2Retro:
-    """Load a GPT2Retro checkpoint directory (config.json + model.safetensors), strictly."""
-    from safetensors.torch import load_file
-
-    src = Path(directory)
-    config = RetroConfig.load_json(src / "config.json")
-    model = GPT2Retro(config)
-    try:
-        state = load_file(str(src / "model.safetensors"), device=str(map_location))
-    except OSError as err:
-        raise RetrolmError(f"cannot read {src / 'model.safetensors'}: {err}") from None
-    want = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    if set(state) != want:
-        diff = sorted(set(state) ^ want)[:3]
-        raise RetrolmError(f"{src}: weights do not match its config.json (e.g. {diff})")
-    model.load_state_dict(state, strict=False)
-    return model.to(map_location)
-
-
 def is_gpt2_retro_config(config: RetroConfig) -> bool:
+    """True for the config of a retro-fitted GPT-2 (a `GPT2Retro`)."""
     return config.extra.get("decoder") == DECODER_KIND

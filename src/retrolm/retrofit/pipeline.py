@@ -20,16 +20,25 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from retrolm.checkpoints import (
+    CONFIG,
+    check_fits,
+    load_checkpoint,
+    resolve_checkpoint_dir,
+    save_model,
+)
 from retrolm.errors import RetrolmError
-from retrolm.loading import load_checkpoint, resolve_checkpoint_dir
 from retrolm.model.config import default_cca_layers
 from retrolm.model.retro import Retro, is_retrieval_parameter
 from retrolm.retrofit.config import RetrofitConfig
+
+if TYPE_CHECKING:
+    from retrolm.training.trainer import TrainConfig
 
 REPORT = "retrofit.json"
 
@@ -44,9 +53,9 @@ def source_kind(path: str | os.PathLike[str]) -> str:
         raise RetrolmError(f"source {p} does not exist; pass a retrolm checkpoint or an HF model dir")
     directory = resolve_checkpoint_dir(p)
     try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        data = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise RetrolmError(f"cannot read {directory / 'config.json'}: {err}") from None
+        raise RetrolmError(f"cannot read {directory / CONFIG}: {err}") from None
     return "hf" if "model_type" in data else "retrolm"
 
 
@@ -253,7 +262,7 @@ def retrofit(
     source: str | os.PathLike[str],
     db_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    train_config: Any = None,
+    train_config: TrainConfig | None = None,
     config: RetrofitConfig | None = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -271,7 +280,6 @@ def retrofit(
     bit-identical to the source's.
     """
     from retrolm.db.database import RetrievalDB
-    from retrolm.model.checkpoint import save_model
     from retrolm.training.trainer import TrainConfig, train
 
     options = {_OLD_NAMES.get(name, name): value for name, value in options.items()}
@@ -284,6 +292,8 @@ def retrofit(
     if out.exists() and not out.is_dir():
         raise RetrolmError(f"--out {out} is a file; pass a directory for the run")
     db = RetrievalDB.open(db_path)
+    if source_kind(source) == "retrolm":  # tokenizer and vocabulary of the GPT vs the database
+        check_fits(source, db)
     model, src = build_retrofit(
         source, db.vocab_size, db.chunk_size, cca_layers=config.cca_layers, enc_layers=config.enc_layers,
         enc_d_model=config.enc_d_model, n_neighbors=config.k, pad_id=db.tokenizer.pad_id,

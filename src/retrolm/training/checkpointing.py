@@ -2,23 +2,28 @@
 
 Layout under a run directory `<out>`:
 
-    checkpoints/step_000123/   config.json, model.safetensors   (model/checkpoint.py)
+    checkpoints/step_000123/   config.json, model.safetensors   (retrolm.checkpoints)
+                               tokenizer.json                   (the database's)
                                optimizer.pt                     (torch.save, read weights_only)
                                trainer_state.json               (step, data position, schedule, RNG)
-    final/                     config.json, model.safetensors, trainer_state.json
+                               checksums.json                   (sha256 of the others, written last)
+    final/                     the same without optimizer.pt
 
 Each directory is written under a temporary name and renamed (`retrolm.atomic.atomic_dir`),
 so a directory that exists under its final name is complete; a run killed mid-write
-leaves only a hidden `.step_*.tmp` directory that the next run removes. Nothing here
-uses pickle: RNG states are stored as lists of integers.
+leaves only a hidden `.step_*.tmp` directory that the next run removes. A directory
+damaged later (a flipped bit, a truncated file) fails its checksums; `--resume` then
+falls back to the newest good checkpoint and says so. Nothing here uses pickle: RNG
+states are stored as lists of integers. File names live in `retrolm.checkpoints`.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
-import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +32,20 @@ import torch
 from torch import nn
 
 from retrolm.atomic import atomic_dir, write_json
+from retrolm.checkpoints import (
+    CHECKPOINTS,
+    FINAL,
+    OPTIMIZER,
+    TOKENIZER,
+    TRAINER_STATE,
+    damage,
+    save_model,
+    step_checkpoints,
+    write_checksums,
+)
 from retrolm.errors import RetrolmError
 
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER = "optimizer.pt"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+__all__ = ["CHECKPOINTS", "FINAL", "OPTIMIZER", "TRAINER_STATE"]  # re-exported for the trainer
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,21 +79,49 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete step checkpoints of a run, oldest first."""
-    root = out_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return step_checkpoints(out_dir)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete step checkpoint, or None for a fresh run."""
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
+
+
+def _problem(path: Path) -> str | None:
+    """Why step checkpoint `path` cannot be resumed from, or None."""
+    problem = damage(path)
+    if problem is not None:
+        return problem
+    try:
+        json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{TRAINER_STATE} is unreadable ({err})"
+    return None
+
+
+def latest_good_checkpoint(out_dir: Path) -> Path | None:
+    """The newest step checkpoint that passes its checksums, or None for a fresh run.
+
+    A damaged newer one is skipped with one line on stderr; when every checkpoint is
+    damaged, resuming is refused rather than silently starting over.
+    """
+    found = list_checkpoints(out_dir)
+    skipped: list[str] = []
+    for _, path in reversed(found):
+        problem = _problem(path)
+        if problem is None:
+            if skipped:
+                print(f"retrolm: checkpoint {'; '.join(skipped)}; resuming from {path.name}",
+                      file=sys.stderr)  # fmt: skip
+            return path
+        skipped.append(f"{path.name} is damaged ({problem})")
+    if found:
+        raise RetrolmError(
+            f"every checkpoint in {out_dir / CHECKPOINTS} is damaged ({'; '.join(skipped)}); "
+            "delete them to start over, or train into a new --out"
+        )
+    return None
 
 
 def remove_partial(out_dir: Path) -> None:
@@ -105,15 +145,14 @@ def save_checkpoint(
     `tokenizer_file` (the database's tokenizer.json) is copied in so that a checkpoint can
     be used for generation and serving on its own, without the database it was trained on.
     """
-    from retrolm.model.checkpoint import save_model
-
     with atomic_dir(path) as tmp:
         save_model(model, tmp)
         if tokenizer_file is not None:
-            shutil.copy2(tokenizer_file, tmp / "tokenizer.json")
+            shutil.copy2(tokenizer_file, tmp / TOKENIZER)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         write_json(tmp / TRAINER_STATE, state)
+        write_checksums(tmp)
     return path
 
 
@@ -123,6 +162,7 @@ def copy_as_final(step_checkpoint: Path, final_dir: Path) -> Path:
         for item in step_checkpoint.iterdir():
             if item.is_file() and item.name != OPTIMIZER:
                 shutil.copy2(item, tmp / item.name)
+        write_checksums(tmp)
     return final_dir
 
 
@@ -148,4 +188,12 @@ def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     file = path / OPTIMIZER
     if not file.is_file():
         raise RetrolmError(f"{file} is missing; resume needs a step checkpoint, not final/")
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RetrolmError(
+            f"cannot read {file} ({first}); the checkpoint is damaged, delete it to resume "
+            "from an older one"
+        ) from None

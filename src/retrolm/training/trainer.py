@@ -59,14 +59,15 @@ def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval
     explicit config whose chunk size differs from the database's is refused, because
     its CCA layers would cut sequences into chunks the neighbours were not retrieved for.
     """
+    from retrolm.checkpoints import CONFIG
     from retrolm.model.config import RetroConfig
 
     if isinstance(model, RetroConfig):
         config = model
     else:
         path = Path(str(model))
-        if path.is_dir() and (path / "config.json").is_file():
-            path = path / "config.json"
+        if path.is_dir() and (path / CONFIG).is_file():
+            path = path / CONFIG
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise RetrolmError(
@@ -167,6 +168,8 @@ class _Run:
             raise RetrolmError(
                 f"{out_dir} already holds checkpoints; pass --resume to continue, or choose a new --out"
             )
+        if self.latest is not None:  # skip (and name) damaged checkpoints
+            self.latest = ckpt.latest_good_checkpoint(out_dir)
         saved = ckpt.read_trainer_state(self.latest) if self.latest is not None else None
         if saved is not None:
             _check_resume_compatible(saved["train_config"], cfg, self.latest)
@@ -220,38 +223,36 @@ class _Run:
     # -- setup ------------------------------------------------------------------------------
 
     def _build_model(self, model: Any, saved: dict[str, Any] | None) -> tuple[nn.Module, Any]:
-        from retrolm.loading import load_checkpoint
+        from retrolm.checkpoints import check_fits, load_checkpoint, resolve_checkpoint_dir
         from retrolm.model.retro import Retro
 
         cfg, db = self.cfg, self.db
         prev_schedule = None
+        fits: Path | nn.Module  # what check_fits compares with the database
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
         if saved is not None:  # resume: architecture and weights from the checkpoint
-            module = load_checkpoint(self.latest)
+            module, fits = load_checkpoint(self.latest), self.latest
             frozen = set(saved.get("frozen_parameters", []))
             for name, param in module.named_parameters():
                 param.requires_grad_(name not in frozen)  # e.g. retro-fitting with a frozen GPT
             prev = saved.get("previous_schedule")
             prev_schedule = LRSchedule.from_dict(prev) if prev else None
         elif cfg.init_from is not None:  # continued training from another run
-            source = Path(cfg.init_from)
-            module = load_checkpoint(source)
+            source = resolve_checkpoint_dir(cfg.init_from)
+            module, fits = load_checkpoint(source), source
             state_file = source / ckpt.TRAINER_STATE
             if state_file.is_file():
                 prev_schedule = LRSchedule.from_dict(ckpt.read_trainer_state(source)["schedule"])
         elif isinstance(model, nn.Module):
-            module = model
+            module = fits = model
         else:
             config = resolve_model_config(model, db.vocab_size, db.chunk_size, cfg.retrieval)
-            module = Retro(config)
+            module = fits = Retro(config)
         config = module.config
-        if config.chunk_size != db.chunk_size or config.vocab_size != db.vocab_size:
-            raise RetrolmError(
-                f"model (chunk_size {config.chunk_size}, vocab {config.vocab_size}) does not match the "
-                f"database (chunk_size {db.chunk_size}, vocab {db.vocab_size}); train it on its own database"
-            )
+        # tokenizer, vocabulary, chunk size and k; the k trained with is the checkpoint's default
+        config.n_neighbors = check_fits(fits, db, cfg.k, stored_neighbours=cfg.retrieval)
         if cfg.retrieval and not config.cca_layers:
             raise RetrolmError("this model has no CCA layers (a GPT); train it with --no-retrieval")
         torch.manual_seed(cfg.seed + self.dist.rank)  # ranks draw different dropout masks
