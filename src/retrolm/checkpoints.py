@@ -343,6 +343,6 @@ def check_fits(
         if k > stored:
             raise RetrolmError(
                 f"k={k} neighbours per chunk, but database {db.path} stores {stored}; "
-                f"pass --k {stored} or less, or rebuild the database with --neighbors {k}"
+                f"pass --k {stored} or less, or rebuild the database with --neighbours {k}"
             )
     return k

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from retrolm.cli.dataclass_options import with_dataclass_options
+from retrolm.cli.options import with_dataclass_options
 from retrolm.training.config import TrainConfig
 
 

@@ -73,7 +73,7 @@ class BuildSettings:
     chunk_size: int = _opt(64, "tokens per chunk and per query window (m)")
     vocab_size: int = _opt(8192, "BPE vocabulary size when the tokenizer is trained")
     tokenizer: str | None = _opt(None, "tokenizer.json or HF directory to use instead of training one")
-    neighbors: int = _opt(8, "neighbours stored per query window (K)")
+    neighbors: int = _opt(8, "neighbours stored per query window (K)", option="neighbours", aliases=("neighbors",))
     index: str | None = _opt(None, "FAISS factory string (default: chosen by size)")
     nprobe: int | None = _opt(None, "IVF lists searched (default: chosen for recall@2 >= 0.95)")
     split: tuple[int, int, int] = _opt(
@@ -90,7 +90,7 @@ class BuildSettings:
         if self.retriever not in ("dense", "bm25"):
             raise RetrolmError(f"--retriever {self.retriever!r}: choose dense or bm25")
         if self.chunk_size < 2 or self.neighbors < 1:
-            raise RetrolmError("--chunk-size must be >= 2 and --neighbors >= 1")
+            raise RetrolmError("--chunk-size must be >= 2 and --neighbours >= 1")
         if len(self.split) != 3 or min(self.split) < 0 or self.split[0] <= 0:
             raise RetrolmError(f"--split {self.split}: give three non-negative integers like 98,1,1 (train > 0)")
         if self.embed_dtype not in ("fp32", "bf16"):
