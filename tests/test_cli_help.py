@@ -11,7 +11,11 @@ import typer
 from retrolm.cli import app, main
 from retrolm.cli.device import DEVICE_HELP
 
-OWNED = [("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("demo",)]
+COMMANDS = [
+    ("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("demo",), ("generate",),
+    ("db", "build"), ("db", "info"), ("db", "search"),
+]
+WITH_DEVICE = [("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("generate",)]
 
 
 def _command(path):
@@ -25,7 +29,7 @@ def _options(path):
     return [p for p in _command(path).params if p.param_type_name == "option"]
 
 
-@pytest.mark.parametrize("path", OWNED, ids=" ".join)
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
 def test_every_option_has_help_and_flags_are_flags(path, capsys):
     for option in _options(path):
         assert option.help and option.help.strip(), f"{' '.join(path)} {option.opts[0]} has no help"
@@ -39,7 +43,7 @@ def test_every_option_has_help_and_flags_are_flags(path, capsys):
             assert entry and "[required]" in entry.group(1), option.opts[0]
 
 
-@pytest.mark.parametrize("path", [p for p in OWNED if p != ("demo",)], ids=" ".join)
+@pytest.mark.parametrize("path", WITH_DEVICE, ids=" ".join)
 def test_one_device_rule(path):
     (device,) = [o for o in _options(path) if "--device" in o.opts]
     assert device.help == DEVICE_HELP and device.default is None

@@ -40,7 +40,10 @@ def register(app: typer.Typer) -> None:
         _print_info(db.info(), time.time() - t0)
 
     @db_app.command("info")
-    def info(path: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    def info(
+        path: Path = typer.Argument(..., help="database directory"),
+        as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+    ) -> None:
         """Counts per split, settings and sizes on disk."""
         from retrolm.db.database import RetrievalDB
 
@@ -52,10 +55,10 @@ def register(app: typer.Typer) -> None:
 
     @db_app.command("search")
     def search(
-        path: Path = typer.Argument(...),
-        text: str = typer.Argument(...),
-        k: int = typer.Option(5, "-k", "--k"),
-        as_json: bool = typer.Option(False, "--json"),
+        path: Path = typer.Argument(..., help="database directory"),
+        text: str = typer.Argument(..., help="the query text"),
+        k: int = typer.Option(5, "-k", "--k", help="how many chunks to return"),
+        as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
     ) -> None:
         """Nearest database chunks (with continuation) for a query text."""
         from retrolm.db.database import RetrievalDB

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from retrolm.cli.device import device_option, resolve_device
 from retrolm.errors import RetrolmError
 
 
@@ -106,7 +107,7 @@ def generate_command(
         False, "--show-retrieval", help="Print what was retrieved for each chunk."
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
 ) -> None:
     """Generate text from prompts; RETRO retrieves from --db every chunk_size tokens.
 
@@ -125,7 +126,7 @@ def generate_command(
             f"--max-new-tokens {max_new_tokens} must be in [0, {MAX_NEW_TOKENS}]; "
             "for longer text, continue from the output in another call"
         )
-    model, tokenizer, database = load_for_generation(checkpoint, db, device=device)
+    model, tokenizer, database = load_for_generation(checkpoint, db, device=resolve_device(device))
     kw = dict(
         db=database, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or None,
