@@ -117,7 +117,7 @@ def test_a_run_directory_resolves_to_final_else_the_newest_step(tmp_path) -> Non
 
 def test_from_pretrained_loads_a_retro_fitted_gpt2(tmp_path) -> None:
     pytest.importorskip("transformers")
-    from retrolm.retrofit.hf_gpt2 import GPT2Retro, gpt2_retro_config
+    from retrolm.retrofitting.hf_gpt2 import GPT2Retro, gpt2_retro_config
 
     hf = {"model_type": "gpt2", "vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2,
           "n_positions": 64, "activation_function": "gelu_new"}  # fmt: skip

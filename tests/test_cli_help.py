@@ -79,7 +79,7 @@ def test_version(capsys):
 
 
 def test_retrofit_options_come_from_the_dataclasses_once():
-    from retrolm.retrofit.config import RetrofitConfig
+    from retrolm.retrofitting.config import RetrofitConfig
 
     names = [o.opts[0] for o in _options(("retrofit",))]
     assert len(names) == len(set(names))  # k and lr once: from RetrofitConfig

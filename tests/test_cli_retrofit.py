@@ -7,7 +7,7 @@ import pytest
 
 from retrolm.cli import main
 from retrolm.errors import RetrolmError
-from retrolm.retrofit.config import RetrofitConfig
+from retrolm.retrofitting.config import RetrofitConfig
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def _batch(db, n=4, seq_len=64):
 
 
 def test_retrieval_off_equals_retrolm_source(gpt_dir, twin_db):
-    from retrolm.retrofit.pipeline import build_retrofit, load_checkpoint
+    from retrolm.retrofitting.pipeline import build_retrofit, load_checkpoint
 
     src = load_checkpoint(gpt_dir).eval()
     model, _ = build_retrofit(gpt_dir, twin_db.vocab_size, M, seed=3)
@@ -125,8 +125,8 @@ def test_retrieval_off_equals_retrolm_source(gpt_dir, twin_db):
 
 def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
     from retrolm.checkpoints import save_model
-    from retrolm.retrofit.hf_gpt2 import GPT2Retro
-    from retrolm.retrofit.pipeline import build_retrofit, load_checkpoint
+    from retrolm.retrofitting.hf_gpt2 import GPT2Retro
+    from retrolm.retrofitting.pipeline import build_retrofit, load_checkpoint
 
     model, src = build_retrofit(hf_dir, twin_db.vocab_size, M, seed=0)
     assert isinstance(model, GPT2Retro) and model.config.cca_layers == [3]
@@ -159,7 +159,7 @@ def test_retrieval_off_equals_hf_gpt2_source(hf_dir, twin_db, tmp_path):
 
 
 def test_hf_source_errors(hf_dir, twin_db, tmp_path):
-    from retrolm.retrofit.pipeline import build_retrofit
+    from retrolm.retrofitting.pipeline import build_retrofit
 
     with pytest.raises(RetrolmError, match="vocabulary"):
         build_retrofit(hf_dir, twin_db.vocab_size + 100, M)
@@ -175,7 +175,7 @@ def test_hf_source_errors(hf_dir, twin_db, tmp_path):
 def test_new_parameters_are_about_ten_percent_for_cpu_small():
     from retrolm.model.config import RetroConfig
     from retrolm.model.retro import Retro
-    from retrolm.retrofit.pipeline import build_retrofit, parameter_counts
+    from retrolm.retrofitting.pipeline import build_retrofit, parameter_counts
 
     gpt = Retro(RetroConfig.from_name("cpu-small").as_gpt())
     model, _ = build_retrofit(gpt, gpt.config.vocab_size, 64)
@@ -191,7 +191,7 @@ def test_new_parameters_are_about_ten_percent_for_cpu_small():
 
 
 def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twin_db, tmp_path):
-    from retrolm.retrofit.pipeline import is_retrieval_parameter, load_checkpoint, retrofit
+    from retrolm.retrofitting.pipeline import is_retrieval_parameter, load_checkpoint, retrofit
 
     report = retrofit(gpt_dir, twin_db.path, tmp_path / "rf", _train_cfg(tokens=64 * 8 * 250),
                       freeze=True, eval_sequences=16)  # fmt: skip
@@ -223,7 +223,7 @@ def test_freeze_decoder_trains_only_retrieval_and_lowers_perplexity(gpt_dir, twi
 
 def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db, tmp_path):
     from retrolm.checkpoints import load_checkpoint
-    from retrolm.retrofit.pipeline import retrofit
+    from retrolm.retrofitting.pipeline import retrofit
 
     # Full training moves the pretrained decoder too, so the new parts get 3x its LR (the
     # usual recipe for freshly initialised parts). The margin is small (~0.1% perplexity):
@@ -267,7 +267,7 @@ def test_replay_mixes_neighbour_free_sequences(twin_db):
 
 def test_trainer_replay_wiring(gpt_dir, twin_db, tmp_path):
     from retrolm.db.database import RetrievalDB
-    from retrolm.retrofit.pipeline import build_retrofit, retrofit
+    from retrolm.retrofitting.pipeline import build_retrofit, retrofit
     from retrolm.training.trainer import train
 
     with pytest.raises(RetrolmError, match="replay"):  # no gradient for encoder + CCA

@@ -22,7 +22,7 @@ _PUBLIC = {
     "train": "retrolm.training.trainer",
     "evaluate": "retrolm.evaluation.perplexity",
     "generate": "retrolm.generation.decode",
-    "retrofit": "retrolm.retrofit.pipeline",
+    "retrofit": "retrolm.retrofitting.pipeline",
     "RetrolmError": "retrolm.errors",
 }
 

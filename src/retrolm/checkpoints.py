@@ -11,7 +11,7 @@ A model directory holds
     checksums.json       sha256 of every other file, written last, verified on load
 
 Two model kinds share the format: plain `Retro` models and retro-fitted Hugging Face
-GPT-2 models (`config.extra["decoder"] == "hf-gpt2"`, rebuilt by `retrolm.retrofit.hf_gpt2`).
+GPT-2 models (`config.extra["decoder"] == "hf-gpt2"`, rebuilt by `retrolm.retrofitting.hf_gpt2`).
 `load_checkpoint` picks the class from the config, so every stage loads both. A run
 directory (the --out of `retrolm train`) resolves to its `final/` model, else its newest
 step checkpoint.
@@ -193,10 +193,10 @@ def trainer_state(directory: Path) -> dict[str, Any] | None:
 
 def _model_class(config: RetroConfig) -> type[Retro]:
     """Retro, or GPT2Retro for a retro-fitted Hugging Face GPT-2 (imported only then)."""
-    from retrolm.retrofit.hf_gpt2 import is_gpt2_retro_config
+    from retrolm.retrofitting.hf_gpt2 import is_gpt2_retro_config
 
     if is_gpt2_retro_config(config):
-        from retrolm.retrofit.hf_gpt2 import GPT2Retro
+        from retrolm.retrofitting.hf_gpt2 import GPT2Retro
 
         return GPT2Retro
     return Retro

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from retrolm.cli.options import with_dataclass_options
-from retrolm.retrofit.config import RetrofitConfig
+from retrolm.retrofitting.config import RetrofitConfig
 from retrolm.training.config import TrainConfig
 
 # Set by retro-fitting: k and lr come from RetrofitConfig, the model always retrieves, and
@@ -40,7 +40,7 @@ def retrofit_command(
     import json
 
     from retrolm.cli.device import resolve_device
-    from retrolm.retrofit.pipeline import retrofit
+    from retrolm.retrofitting.pipeline import retrofit
 
     train_cfg = dataclasses.replace(train_cfg, device=resolve_device(train_cfg.device))
     config = dataclasses.replace(config, lr=config.peak_lr())

@@ -1,7 +1,7 @@
 """Retro-fitting: turn a trained GPT into a RETRO and train the new parts (SPEC §3).
 
 Sources: a retrolm GPT checkpoint directory (or a run directory holding `final/`), or a
-local Hugging Face GPT-2-family directory (wrapped, see `retrolm.retrofit.hf_gpt2`). The new
+local Hugging Face GPT-2-family directory (wrapped, see `retrolm.retrofitting.hf_gpt2`). The new
 model keeps every decoder weight and adds a randomly initialised neighbour encoder and
 CCA layers. Each CCA output projection starts at zero, so right after retro-fitting the
 model is the source GPT whether retrieval is on or off; training moves it away.
@@ -35,7 +35,7 @@ from retrolm.checkpoints import (
 from retrolm.errors import RetrolmError
 from retrolm.model.config import default_cca_layers
 from retrolm.model.retro import Retro, is_retrieval_parameter
-from retrolm.retrofit.config import RetrofitConfig
+from retrolm.retrofitting.config import RetrofitConfig
 
 if TYPE_CHECKING:
     from retrolm.training.trainer import TrainConfig
@@ -89,7 +89,7 @@ def build_retrofit(
         model = _retrofit_retrolm(src, vocab_size, chunk_size, cca_layers, enc_layers,
                                   enc_d_model, enc_heads, n_neighbors)  # fmt: skip
     else:
-        from retrolm.retrofit.hf_gpt2 import (
+        from retrolm.retrofitting.hf_gpt2 import (
             GPT2Retro,
             copy_hf_weights,
             gpt2_retro_config,
