@@ -120,7 +120,7 @@ def test_retrieve(client, tiny_db):
 def test_return_retrieval(client):
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
                                               "return_retrieval": True})
-    rec = r.json()["retrieval"]
+    rec = r.json()["choices"][0]["retrieval"]
     assert [x["chunk_index"] for x in rec][:1] == [0] and len(rec[0]["neighbours"]) == 2
 
 
@@ -142,9 +142,16 @@ def test_return_retrieval(client):
         (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
         (b'{"prompt": "hi", "stop": 3}', 400, "stop"),
         (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "at most 4"),
-        (b'{"prompt": "hi", "n": 2}', 400, "n"),
+        (b'{"prompt": "hi", "n": 0}', 400, "n"),
+        (b'{"prompt": "hi", "n": 40}', 400, "the limit is 32"),
+        (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs: at most 20"),
+        (b'{"prompt": [1, 99999]}', 400, "token ids must be in"),
+        (b'{"prompt": [[]]}', 400, "must not be empty"),
+        (b'{"prompt": []}', 400, "prompt"),
+        (b'{"prompt": [1, true]}', 400, "prompt"),
+        (b'{"prompt": "hi", "stop": ' + b"[" * 4000 + b"]" * 4000 + b"}", 400, "nested 4001 levels"),
+        (b'{"prompt": "hi", "user": ' + b"{" * 50 + b"}" * 50 + b"}", 400, "nested"),
         (b'{"prompt": "hi", "seed": -3}', 400, "seed"),
-        (b'{"prompt": "hi", "best_of": 3}', 400, "best_of"),
         (json.dumps({"prompt": "otter " * 100}).encode(), 400, "limit is 64"),
         (json.dumps({"prompt": "x" * 9000}).encode(), 413, "8192 bytes"),
     ],
