@@ -78,11 +78,11 @@ class TokenLogprobs:
 
     def block(self, lo: int, hi: int) -> dict[str, Any]:
         """OpenAI's logprobs object for tokens [lo, hi): the token strings join to the text."""
-        text = self._decode(self.ids[:hi])
+        text = self._decode(self.ids)
         eos = self.engine.tokenizer.eos_id
         tokens = []
-        for i in range(lo, hi):
-            end = self.offsets[i + 1] if i + 1 < hi else len(text)
+        for i in range(lo, hi):  # a token's text ends where the next token's starts
+            end = self.offsets[i + 1] if i + 1 < len(self.ids) else len(text)
             piece = text[self.offsets[i] : end]
             tokens.append(self.token_text(eos) if self.ids[i] == eos and not piece else piece)
         top = []
