@@ -196,6 +196,7 @@ def bench_lm_eval(engine, note: str, args) -> dict:
                 tasks=["retrolm_pydoc_mc", "retrolm_pydoc_complete"],
                 task_manager=TaskManager(include_path=str(TASKS)),
                 random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+                log_samples=True,
             )
             seconds = time.perf_counter() - t0
         finally:
@@ -203,8 +204,26 @@ def bench_lm_eval(engine, note: str, args) -> dict:
     print(make_table(results), file=sys.stderr, flush=True)
     scores = {task: {k: v for k, v in res.items() if isinstance(v, float)}
               for task, res in results["results"].items()}
+    mc, gen = results["samples"]["retrolm_pydoc_mc"], results["samples"]["retrolm_pydoc_complete"]
     return {"bench": "lm_eval", "model": note, "tasks": scores, "seconds": round(seconds, 1),
-            "n_samples": results.get("n-samples"), "table": make_table(results)}
+            "n_samples": results.get("n-samples"),
+            "loglikelihood_max_abs_diff_vs_in_process": max_loglikelihood_diff(engine, mc),
+            "generations": [{"prompt": g["doc"]["prompt"], "output": g["filtered_resps"][0]} for g in gen[:4]],
+            "table": make_table(results)}
+
+
+def max_loglikelihood_diff(engine, samples: list[dict]) -> float:
+    """lm-eval's loglikelihoods (over HTTP) against the same sums computed in-process."""
+    from retrolm.serve.logprobs import TokenLogprobs
+
+    tok, worst = engine.tokenizer, 0.0
+    for sample in samples:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            whole, ctx = tok.encode(context + continuation), tok.encode(context)
+            scores = TokenLogprobs(engine, 1)
+            scores.feed(whole)
+            worst = max(worst, abs(sum(scores.logprobs[len(ctx):]) - resp[0][0]))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> None:
