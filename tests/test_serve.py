@@ -256,3 +256,15 @@ def test_load_on_loopback(engine):
         p95 = statistics.quantiles(latencies, n=20)[-1]
         print(f"\nload test: {n_requests} requests, {n_clients} clients, {n_requests / wall:.1f} req/s, "
               f"p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+
+
+def test_model_name_defaults_to_checkpoint_directory(tmp_path, tiny_db, tiny_db_path):
+    from retrolm.serve.engine import default_model_name
+
+    ckpt = tmp_path / "otters" / "final"
+    tiny_model(tiny_db.vocab_size, retro=False).save_pretrained(str(ckpt))
+    assert default_model_name(ckpt) == "otters/final" and default_model_name(tmp_path / "step_9") == "step_9"
+    named = TestClient(create_app(ckpt, tiny_db_path, LIMITS, model_name="my-otter"))
+    assert [m["id"] for m in named.get("/v1/models").json()["data"]] == ["my-otter"]
+    r = named.post("/v1/completions", json={"prompt": "otter", "max_tokens": 2, "model": "anything"})
+    assert r.status_code == 200 and r.json()["model"] == "my-otter"
