@@ -68,8 +68,8 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def prompt_ids(req: CompletionRequest, engine: Engine, limits: ServeLimits) -> list[list[int]]:
-    """Token ids of each prompt (text, texts, ids or lists of ids), within the limits."""
+def prompts_of(req: CompletionRequest, engine: Engine, limits: ServeLimits) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (text, texts, ids or lists of ids), within the limits."""
     from retrolm.generation.decode import encode_prompt
 
     prompt = req.prompt
@@ -79,6 +79,7 @@ def prompt_ids(req: CompletionRequest, engine: Engine, limits: ServeLimits) -> l
             raise ApiError(400, f"prompt: longer than {20 * limits.max_prompt_tokens} characters")
         ids = [encode_prompt(engine.tokenizer, t) for t in texts]
     else:
+        texts = None
         ids = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
         vocab = engine.tokenizer.vocab_size
         if any(not p for p in ids):
@@ -90,7 +91,7 @@ def prompt_ids(req: CompletionRequest, engine: Engine, limits: ServeLimits) -> l
     longest = max(len(p) for p in ids)
     if longest > limits.max_prompt_tokens:
         raise ApiError(400, f"prompt: {longest} tokens, the limit is {limits.max_prompt_tokens}")
-    return ids
+    return ids, list(texts) if texts is not None else [engine.tokenizer.decode(p) for p in ids]
 
 
 def plan_completion(req: CompletionRequest, engine: Engine, limits: ServeLimits) -> Plan:
@@ -101,15 +102,12 @@ def plan_completion(req: CompletionRequest, engine: Engine, limits: ServeLimits)
     if req.logprobs is not None and req.logprobs > limits.max_logprobs:
         raise ApiError(400, f"logprobs: at most {limits.max_logprobs}, got {req.logprobs}")
     stops = stop_list(req.stop)
-    ids = prompt_ids(req, engine, limits)
+    ids, texts = prompts_of(req, engine, limits)
     n = req.n or 1
     if len(ids) * n > limits.max_choices:
         raise ApiError(400, f"{len(ids)} prompts x n={n} choices; the limit is {limits.max_choices}")
-    texts = req.prompt if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else None
-    if isinstance(req.prompt, str):
-        texts = [req.prompt]
     return Plan(
-        prompts=ids, texts=texts or [engine.tokenizer.decode(p) for p in ids], n=n,
+        prompts=ids, texts=texts, n=n,
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
         repetition_penalty=req.repetition_penalty, stops=stops,
