@@ -153,6 +153,10 @@ def test_return_retrieval(client):
         (b'{"prompt": "hi", "stop": ' + b"[" * 4000 + b"]" * 4000 + b"}", 400, "nested 4001 levels"),
         (b'{"prompt": "hi", "user": ' + b"{" * 50 + b"}" * 50 + b"}", 400, "nested"),
         (b'{"prompt": "hi", "seed": -3}', 400, "seed"),
+        (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+        (b'{"prompt": "\\ud800 otter"}', 400, "surrogate"),
+        (b'{"prompt": "hi", "stop": ["\\udfff"]}', 400, "surrogate"),
+        (b'{"prompt": "hi", "repetition_penalty": 1e-300}', 400, "repetition_penalty"),
         (json.dumps({"prompt": "otter " * 100}).encode(), 400, "limit is 64"),
         (json.dumps({"prompt": "x" * 9000}).encode(), 413, "8192 bytes"),
     ],
@@ -162,6 +166,12 @@ def test_malformed_requests_get_4xx(client, body, status, match):
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert match in message and "\n" not in message
+
+
+def test_tiny_temperature_is_greedy(client):
+    greedy = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    tiny = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 1e-300})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 def test_other_errors_are_json_4xx(client):

@@ -46,6 +46,11 @@ async def on_validation_error(_: Request, err: RequestValidationError) -> JSONRe
     return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
 
 
+async def on_bug(_: Request, err: Exception) -> JSONResponse:
+    """A bug still answers in the API's error shape (and uvicorn logs the traceback)."""
+    return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
+
+
 async def on_client_gone(_: Request, __: ClientGone) -> Response:
     return Response(status_code=499)  # nobody reads it: the client has gone
 
@@ -74,4 +79,5 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ClientGone, on_client_gone)
+    app.add_exception_handler(Exception, on_bug)
     return app

@@ -64,16 +64,34 @@ def parse_json(body: bytes, schema: type[M], max_depth: int) -> M:
         raise ApiError(400, f"body is nested {depth} levels deep; the limit is {max_depth}")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # bad JSON or UTF-8, or an integer of over 4,300 digits
         raise ApiError(400, f"body is not valid JSON: {err}") from None
     except RecursionError:  # unreachable below the depth limit; kept as a last guard
         raise ApiError(400, "body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "body must be a JSON object")
+    check_unicode(data)
     try:
         return schema.model_validate(data)
     except ValidationError as err:
         raise ApiError(400, validation_message(err)) from None
+
+
+def check_unicode(value: Any) -> None:
+    """400 for a string holding a lone UTF-16 surrogate ("\\ud800"): not text, and the
+    tokenizer cannot encode it. Recursion is bounded by the depth limit."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "body holds a lone UTF-16 surrogate; send valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key)
+            check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_unicode(item)
 
 
 async def read_json(request: Any, schema: type[M], limits: Any) -> M:

@@ -23,6 +23,8 @@ from retrolm.serve.engine import ClientGone, Engine, ServeLimits
 from retrolm.serve.logprobs import TokenLogprobs
 from retrolm.serve.schemas import CompletionRequest
 
+MIN_TEMPERATURE = 0.01
+
 
 @dataclass
 class Plan:
@@ -48,7 +50,8 @@ class Plan:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0 is greedy; so is any below 0.01 (dividing logits by it overflows)."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def owners(self) -> list[int]:

@@ -24,7 +24,7 @@ class CompletionRequest(_Body):
     temperature: float | None = Field(None, ge=0.0, le=10.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
     stream: bool | None = None
