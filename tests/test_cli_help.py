@@ -12,10 +12,10 @@ from retrolm.cli import app, main
 from retrolm.cli.device import DEVICE_HELP
 
 COMMANDS = [
-    ("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("demo",), ("generate",),
+    ("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("demo",), ("generate",), ("serve",),
     ("db", "build"), ("db", "info"), ("db", "search"),
 ]
-WITH_DEVICE = [("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("generate",)]
+WITH_DEVICE = [("train",), ("retrofit",), ("eval",), ("qa",), ("qa", "finetune"), ("generate",), ("serve",)]
 
 
 def _command(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import statistics
@@ -120,7 +121,7 @@ def test_retrieve(client, tiny_db):
 def test_return_retrieval(client):
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
                                               "return_retrieval": True})
-    rec = r.json()["retrieval"]
+    rec = r.json()["choices"][0]["retrieval"]
     assert [x["chunk_index"] for x in rec][:1] == [0] and len(rec[0]["neighbours"]) == 2
 
 
@@ -142,9 +143,20 @@ def test_return_retrieval(client):
         (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
         (b'{"prompt": "hi", "stop": 3}', 400, "stop"),
         (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "at most 4"),
-        (b'{"prompt": "hi", "n": 2}', 400, "n"),
+        (b'{"prompt": "hi", "n": 0}', 400, "n"),
+        (b'{"prompt": "hi", "n": 40}', 400, "the limit is 32"),
+        (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs: at most 20"),
+        (b'{"prompt": [1, 99999]}', 400, "token ids must be in"),
+        (b'{"prompt": [[]]}', 400, "must not be empty"),
+        (b'{"prompt": []}', 400, "prompt"),
+        (b'{"prompt": [1, true]}', 400, "prompt"),
+        (b'{"prompt": "hi", "stop": ' + b"[" * 4000 + b"]" * 4000 + b"}", 400, "nested 4001 levels"),
+        (b'{"prompt": "hi", "user": ' + b"{" * 50 + b"}" * 50 + b"}", 400, "nested"),
         (b'{"prompt": "hi", "seed": -3}', 400, "seed"),
-        (b'{"prompt": "hi", "best_of": 3}', 400, "best_of"),
+        (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+        (b'{"prompt": "\\ud800 otter"}', 400, "surrogate"),
+        (b'{"prompt": "hi", "stop": ["\\udfff"]}', 400, "surrogate"),
+        (b'{"prompt": "hi", "repetition_penalty": 1e-300}', 400, "repetition_penalty"),
         (json.dumps({"prompt": "otter " * 100}).encode(), 400, "limit is 64"),
         (json.dumps({"prompt": "x" * 9000}).encode(), 413, "8192 bytes"),
     ],
@@ -154,6 +166,12 @@ def test_malformed_requests_get_4xx(client, body, status, match):
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert match in message and "\n" not in message
+
+
+def test_tiny_temperature_is_greedy(client):
+    greedy = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    tiny = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 1e-300})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 def test_other_errors_are_json_4xx(client):
@@ -181,13 +199,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_load_on_loopback(engine):
+@contextlib.contextmanager
+def running_server(app):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yield its base URL."""
     import uvicorn
 
     port = _free_port()
-    limits = ServeLimits(max_prompt_tokens=64, max_tokens=5000)
-    config = uvicorn.Config(create_app(engine=engine, limits=limits), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -196,8 +214,16 @@ def test_load_on_loopback(engine):
         while not server.started:
             assert time.time() < deadline, "server did not start"
             time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
-        n_clients, n_requests = 8, 200
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_load_on_loopback(engine):
+    limits = ServeLimits(max_prompt_tokens=64, max_tokens=5000)
+    with running_server(create_app(engine=engine, limits=limits)) as url:
+        n_clients, n_requests = 8, 48  # benchmarks/bench_serve.py runs 200 with hostile ones
 
         def one(i: int) -> float:
             payload = {"prompt": f"The otter number {i} lives near the", "max_tokens": 6,
@@ -240,6 +266,15 @@ def test_load_on_loopback(engine):
         p95 = statistics.quantiles(latencies, n=20)[-1]
         print(f"\nload test: {n_requests} requests, {n_clients} clients, {n_requests / wall:.1f} req/s, "
               f"p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_model_name_defaults_to_checkpoint_directory(tmp_path, tiny_db, tiny_db_path):
+    from retrolm.serve.engine import default_model_name
+
+    ckpt = tmp_path / "otters" / "final"
+    tiny_model(tiny_db.vocab_size, retro=False).save_pretrained(str(ckpt))
+    assert default_model_name(ckpt) == "otters/final" and default_model_name(tmp_path / "step_9") == "step_9"
+    named = TestClient(create_app(ckpt, tiny_db_path, LIMITS, model_name="my-otter"))
+    assert [m["id"] for m in named.get("/v1/models").json()["data"]] == ["my-otter"]
+    r = named.post("/v1/completions", json={"prompt": "otter", "max_tokens": 2, "model": "anything"})
+    assert r.status_code == 200 and r.json()["model"] == "my-otter"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from retrolm.cli.device import device_option, resolve_device
 from retrolm.errors import RetrolmError
 
 
@@ -20,13 +21,16 @@ def serve_command(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     max_prompt_tokens: int = typer.Option(1024, "--max-prompt-tokens", help="Longest prompt accepted."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Largest max_tokens a request may ask for."),
-    max_pending: int = typer.Option(64, "--max-pending", help="Requests queued or running; more get 503."),
+    max_pending: int = typer.Option(64, "--max-pending", help="Requests queued or running; more get 429."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Name in /v1/models and answers (default: the checkpoint directory's)."
+    ),
     speculative: bool = typer.Option(
         False, "--speculative", help="Use retrieval-draft speculative decoding for temperature 0."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str | None = device_option(),
 ) -> None:
-    """Serve /v1/completions, /v1/retrieve and /health (see docs/generation.md)."""
+    """Serve an OpenAI-compatible /v1/completions, /v1/models, /v1/retrieve, /health (docs/serving.md)."""
     import sys
 
     import uvicorn
@@ -40,5 +44,5 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {host}: the server has no authentication", file=sys.stderr)
     limits = ServeLimits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_pending=max_pending)
-    app = create_app(checkpoint, db, limits, device=device, speculative=speculative)
+    app = create_app(checkpoint, db, limits, device=resolve_device(device), speculative=speculative, model_name=model_name)
     uvicorn.run(app, host=host, port=port, log_level="info")
