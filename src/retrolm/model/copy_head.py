@@ -139,11 +139,11 @@ def mix(log_probs: Tensor, log_sentinel: Tensor, successors: Tensor, mass: Tenso
     through exp/log. The result is normalised (valid logits).
     """
     base = log_probs + log_sentinel[..., None]  # (B, t, V)
-    at = base.gather(-1, successors)  # (B, t, S)
+    at = log_probs.gather(-1, successors) + log_sentinel[..., None]  # (B, t, S): base there
     has = mass > 0
     log_mass = torch.where(has, mass, 1.0).log()  # no log(0): its gradient would be NaN
     delta = torch.where(has, torch.logaddexp(at, log_mass) - at, 0.0)
-    return base.scatter_add(-1, successors, delta)
+    return base.scatter_add_(-1, successors, delta)  # in place: `base` is ours alone
 
 
 def mixture_log_likelihood(
