@@ -203,6 +203,7 @@ def matched_config() -> RetroConfig:
     return RetroConfig(
         vocab_size=8192, n_layers=6, d_model=256, n_heads=4, chunk_size=64, n_neighbors=2,
         enc_layers=2, enc_d_model=256, enc_heads=4, cca_layers=[3, 6], max_seq_len=1024,
+        tie_embeddings=False,  # RETRO-pytorch has a separate output projection
     )  # fmt: skip
 
 
@@ -252,6 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--no-demo", action="store_true", help="the preset as it is, k = 2")
+    parser.add_argument("--no-copy-head", action="store_true", help="the demo without the copy head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--seq", type=int, nargs="+", default=[256])
@@ -271,7 +273,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     longest = max(max(args.seq), args.prompt + max(args.generate))
-    overrides = {} if args.no_demo else DEMO
+    overrides = {} if args.no_demo else {**DEMO, "copy_head": not args.no_copy_head}
     config = RetroConfig.from_name(args.preset, max_seq_len=max(longest, 64), **overrides)
     emit(
         kind="setup", preset=args.preset, overrides=overrides, device=args.device,
