@@ -7,7 +7,8 @@ for bf16 autocast too (on a CPU without AVX-512 BF16 that is 10-30x slower: not 
 path there), or `--device cuda --bf16`. RETRO and GPT share the same decoder
 (`config.as_gpt()`); their training steps (forward + backward + AdamW) alternate so that a
 shared machine's load hits both alike; the JSON has medians and spreads of the step times
-and of the per-pair time ratios. A matmul peak measured before and after the timing gives
+and of the per-pair time ratios, and the ratio of the fastest steps (on a loaded machine
+the least disturbed estimate). A matmul peak measured before and after the timing gives
 MFU and an idle-machine check (`machine_busy`: the two peaks differ by more than 10% or the
 1-minute load average exceeds the core count). With `retro_pytorch` (lucidrains'
 RETRO-pytorch) importable, it is timed too at a matched configuration (`--skip-lucidrains`
@@ -127,6 +128,7 @@ def bench_train(config: RetroConfig, args) -> None:
                 kind="train_step", dtype=dtype, seq_len=T, batch=args.batch, k=config.n_neighbors,
                 iters=args.iters, retro_s=spread(times["retro"]), gpt_s=spread(times["gpt"]),
                 ratio=t_retro / t_gpt, pair_ratio=spread(pair_ratios),
+                ratio_of_fastest=min(times["retro"]) / min(times["gpt"]),
                 flops_ratio=f_retro / f_gpt, ratio_over_flops=(t_retro / t_gpt) / (f_retro / f_gpt),
                 retro_tok_s=n_tok / t_retro, gpt_tok_s=n_tok / t_gpt,
                 matmul_peak_before=before, matmul_peak_after=after,

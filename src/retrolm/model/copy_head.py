@@ -130,16 +130,25 @@ def successor_mass(log_copy: Tensor, successors: Tensor) -> Tensor:
     return torch.bmm(log_copy.exp(), route)  # (N, m, S)
 
 
-def mix(log_probs: Tensor, log_sentinel: Tensor, successors: Tensor, mass: Tensor) -> Tensor:
+def mix(
+    log_probs: Tensor,
+    log_sentinel: Tensor,
+    successors: Tensor,
+    mass: Tensor,
+    out: Tensor | None = None,
+) -> Tensor:
     """log p (B, t, V) = log(a_sentinel * p_decoder + copy mass on the successors).
 
     log_probs (B, t, V) the decoder's log-softmax (float32 or float64), log_sentinel (B, t),
     successors (B, t, S) int64, mass (B, t, S) from `successor_mass`. Worked in log space:
     the vocabulary-sized work is one add and one scatter; only the S successor entries go
-    through exp/log. The result is normalised (valid logits).
+    through exp/log. The result is normalised (valid logits). `out`: a dead tensor of
+    log_probs' shape and dtype to write the result into (on a CPU a fresh vocabulary-sized
+    tensor costs more in page faults than the add itself).
     """
-    base = log_probs + log_sentinel[..., None]  # (B, t, V)
-    at = log_probs.gather(-1, successors) + log_sentinel[..., None]  # (B, t, S): base there
+    shift = log_sentinel[..., None]
+    base = log_probs + shift if out is None else out.copy_(log_probs).add_(shift)  # (B, t, V)
+    at = log_probs.gather(-1, successors) + shift  # (B, t, S): base there
     has = mass > 0
     log_mass = torch.where(has, mass, 1.0).log()  # no log(0): its gradient would be NaN
     delta = torch.where(has, torch.logaddexp(at, log_mass) - at, 0.0)

@@ -441,7 +441,10 @@ class Retro(nn.Module):
         if mixture is None:
             return log_probs, log_probs, None
         log_copy, log_sentinel, successors, mass = mixture
-        return mix(log_probs, log_sentinel, successors, mass), log_probs, mixture
+        # The logits are dead once normalised (log-softmax keeps its output, not its input),
+        # so the output takes their memory instead of a fresh vocabulary-sized tensor.
+        spare = logits if logits.dtype == dtype else None
+        return mix(log_probs, log_sentinel, successors, mass, out=spare), log_probs, mixture
 
     def _mixture(
         self,
