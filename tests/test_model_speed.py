@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -153,7 +152,22 @@ def test_rotary_tables_are_cached_and_equal_fresh_ones() -> None:
     torch.testing.assert_close(cyc_cos, rotary(torch.arange(17) % 7, torch.float32)[0])
 
 
-def test_rmsnorm_is_torch_rmsnorm_in_float32_and_quiet_under_bf16_autocast() -> None:
+def spy_rms_norm(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """Record the (input, weight) dtypes of every F.rms_norm call. torch warns only once per
+    process about a mismatch (then silently takes its slow unfused path), so the dtypes are
+    what a test can check."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = F.rms_norm
+
+    def spy(x, shape, weight=None, eps=None):
+        seen.append((x.dtype, weight.dtype if weight is not None else x.dtype))
+        return real(x, shape, weight, eps)
+
+    monkeypatch.setattr(F, "rms_norm", spy)
+    return seen
+
+
+def test_rmsnorm_is_torch_rmsnorm_in_float32_and_float32_under_bf16_autocast(monkeypatch) -> None:
     torch.manual_seed(0)
     norm, plain = RMSNorm(32, eps=1e-5), torch.nn.RMSNorm(32, eps=1e-5)
     with torch.no_grad():
@@ -161,10 +175,22 @@ def test_rmsnorm_is_torch_rmsnorm_in_float32_and_quiet_under_bf16_autocast() -> 
         plain.weight.copy_(norm.weight)
     x = torch.randn(4, 32) * 3
     assert torch.equal(norm(x), plain(x))
+    seen = spy_rms_norm(monkeypatch)
     assert norm(x.double()).dtype == torch.float64
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = norm(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert seen == [(torch.float64, torch.float64), (torch.float32, torch.float32)]
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), plain(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_autocast_step_normalises_in_float32(monkeypatch) -> None:
+    """Every RMSNorm of a RETRO training step under bf16 autocast sees matching dtypes."""
+    model = reference_model(copy_head=True).float()
+    tokens, nb, mask, targets = reference_inputs(B=1, T=32)
+    seen = spy_rms_norm(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(tokens, nb, mask, targets=targets)
+    loss.backward()
+    assert len(seen) >= 15 and all(x == w == torch.float32 for x, w in seen)
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)
