@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--seq", type=int, nargs="+", default=[256])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--generate", type=int, nargs="+", default=[256])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--recompute-samples", type=int, default=16)
