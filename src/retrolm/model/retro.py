@@ -440,7 +440,7 @@ class Retro(nn.Module):
         mixture = self._mixture(x, tokens, start, cache, context)
         if mixture is None:
             return log_probs, log_probs, None
-        log_copy, log_sentinel, successors, mass = mixture
+        _, log_sentinel, successors, mass = mixture
         # The logits are dead once normalised (log-softmax keeps its output, not its input),
         # so the output takes their memory instead of a fresh vocabulary-sized tensor.
         spare = logits if logits.dtype == dtype else None
