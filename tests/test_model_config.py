@@ -79,7 +79,10 @@ def test_valid_variants_and_unknown_names() -> None:
         RetroConfig.from_dict({**RetroConfig().to_dict(), "n_layer": 3})
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(mlp="gelu", enc_d_model=64), dict(cca_layers=[])])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(mlp="gelu", enc_d_model=64), dict(cca_layers=[]), dict(copy_head=True, copy_match=3)],
+)
 def test_flops_formula_matches_counted_matmuls(overrides: dict) -> None:
     """The formula's weight matmuls equal torch's FLOP counter; attention scores are documented apart."""
     config = RetroConfig.from_name("tiny", **overrides)

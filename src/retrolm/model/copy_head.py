@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.model.config import RetroConfig
+from retrolm.model.layers import RMSNorm
 
 NO_TOKEN = -1  # padding id in the token tensors below (never equal to a real token)
 # The scalar parameters (match weights, sentinel bias) are stored divided by this. Adam moves
@@ -43,7 +44,7 @@ class NeighbourCopyHead(nn.Module):
         super().__init__()
         c = config
         self.copy_dim, self.n_match = c.copy_dim, c.copy_match
-        self.norm_q = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.norm_q = RMSNorm(c.d_model, eps=c.norm_eps)
         self.q = nn.Linear(c.d_model, c.copy_dim, bias=False)
         self.k = nn.Linear(c.enc_d_model, c.copy_dim, bias=False)
         self.sentinel = nn.Linear(c.d_model, 1, bias=False)
@@ -113,13 +114,56 @@ def query_features(history: Tensor, positions: Tensor, n_back: int) -> Tensor:
     return picked.masked_fill(~valid, NO_TOKEN)
 
 
-def mix(logits: Tensor, log_copy: Tensor, log_sentinel: Tensor, successors: Tensor) -> Tensor:
-    """log p (B, t, V) = log(a_sentinel * softmax(logits) + copy mass on the successors).
+def successor_mass(log_copy: Tensor, successors: Tensor) -> Tensor:
+    """Copy probability per distinct successor token, held by the first slot that has it.
 
-    logits (B, t, V), log_copy (B, t, S), log_sentinel (B, t), successors (B, t, S) int64.
-    Computed in float32 (or float64); the result is a valid logits tensor (it is already normalised).
+    log_copy (N, m, S) log-weights of the neighbour slots, successors (N, S) their successor
+    tokens -> (N, m, S): at the first slot j with successor y, the summed weight of every slot
+    whose successor is y; 0 at the other slots. Adding these to the vocabulary distribution
+    at `successors` is then a scatter without duplicate indices to resolve.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    p_vocab = torch.softmax(logits.to(dtype), dim=-1) * log_sentinel.to(dtype).exp()[..., None]
-    mixed = p_vocab.scatter_add(-1, successors, log_copy.to(dtype).exp())
-    return mixed.clamp_min(1e-30).log()
+    S = successors.shape[-1]
+    same = successors[:, :, None] == successors[:, None, :]  # (N, S, S)
+    earlier = torch.ones(S, S, dtype=torch.bool, device=successors.device).triu(1)  # j' < j
+    first = ~(same & earlier).any(dim=1)  # (N, S): no earlier slot with the same successor
+    route = (same & first[:, None, :]).to(log_copy.dtype)  # (N, S from, S to)
+    return torch.bmm(log_copy.exp(), route)  # (N, m, S)
+
+
+def mix(
+    log_probs: Tensor,
+    log_sentinel: Tensor,
+    successors: Tensor,
+    mass: Tensor,
+    out: Tensor | None = None,
+) -> Tensor:
+    """log p (B, t, V) = log(a_sentinel * p_decoder + copy mass on the successors).
+
+    log_probs (B, t, V) the decoder's log-softmax (float32 or float64), log_sentinel (B, t),
+    successors (B, t, S) int64, mass (B, t, S) from `successor_mass`. Worked in log space:
+    the vocabulary-sized work is one add and one scatter; only the S successor entries go
+    through exp/log. The result is normalised (valid logits). `out`: a dead tensor of
+    log_probs' shape and dtype to write the result into (on a CPU a fresh vocabulary-sized
+    tensor costs more in page faults than the add itself).
+    """
+    shift = log_sentinel[..., None]
+    base = log_probs + shift if out is None else out.copy_(log_probs).add_(shift)  # (B, t, V)
+    at = log_probs.gather(-1, successors) + shift  # (B, t, S): base there
+    has = mass > 0
+    log_mass = torch.where(has, mass, 1.0).log()  # no log(0): its gradient would be NaN
+    delta = torch.where(has, torch.logaddexp(at, log_mass) - at, 0.0)
+    return base.scatter_add_(-1, successors, delta)  # in place: `base` is ours alone
+
+
+def mixture_log_likelihood(
+    own: Tensor, log_sentinel: Tensor, log_copy: Tensor, successors: Tensor, targets: Tensor
+) -> Tensor:
+    """log p(target) (B, t) of the mixture without the vocabulary-sized output.
+
+    own (B, t): the decoder's log-probability of the targets; log_sentinel (B, t); log_copy
+    and successors (B, t, S); targets (B, t) (any in-vocabulary value where ignored). The
+    same value as `mix(...)` at the targets; training only needs this, so its backward is
+    as cheap as a GPT's.
+    """
+    copied = log_copy.masked_fill(successors != targets[..., None], float("-inf"))  # (B, t, S)
+    return torch.logsumexp(torch.cat([(own + log_sentinel)[..., None], copied], dim=-1), dim=-1)

@@ -10,10 +10,14 @@ k = neighbours, r = neighbour length, n_r = k*r/m neighbour tokens per decoder t
   CCA layer      2 * (2 d^2 + n_r * 2 e d) + 4 k r d
   encoder        n_r * [2 * (d e if e != d) + per layer 2 * (4 e^2 + mlp(e, ff_e)) + 4 r e]
                  + first layer cross-attention: n_r * (2 * 2 e^2 + 4 m e) + 2 * 2 d e
-  copy head      2 d c + n_r * 2 e c + 2 k r c + 2 d     (c = copy_dim; only with copy_head)
+  copy head      2 d c + n_r * 2 e c + 2 k r c + 2 d + 2 (k r)^2
+                 (c = copy_dim; only with copy_head; the last term is the matmul that sums the
+                 copy weights of neighbour slots sharing a successor token)
 
-where mlp(a, f) = 3 a f (SwiGLU) or 2 a f (GELU). Embedding lookups are free. The
-encoder and CCA terms vanish for a GPT (`cca_layers == []`).
+where mlp(a, f) = 3 a f (SwiGLU) or 2 a f (GELU). Embedding lookups are free, and so is
+element-wise work (softmax, norms, the copy head's exact-match features and its
+vocabulary-sized mixture: a few V per token, as the GPT's own log-softmax). The encoder and
+CCA terms vanish for a GPT (`cca_layers == []`).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ def _mlp_macs(width: int, hidden: int, kind: str) -> int:
 def flops_per_token(config: RetroConfig, seq_len: int) -> dict[str, float]:
     """FLOPs per decoder token by component, plus 'forward' and 'train' (= 3 x forward).
 
-    'attention_scores' is the share of the components spent in QK^T and AV products
-    (no weights involved); the rest is weight matmuls.
+    'attention_scores' is the share of the components spent in the attention layers' QK^T
+    and AV products (no weights involved); the rest is weight matmuls and the copy head's
+    two small weight-free products (its scores and successor sums).
     """
     c, T = config, seq_len
     d, e, m, k, r = c.d_model, c.enc_d_model, c.chunk_size, c.n_neighbors, c.neighbor_len
@@ -53,8 +58,7 @@ def flops_per_token(config: RetroConfig, seq_len: int) -> dict[str, float]:
         scores += len(c.cca_layers) * 4 * k * r * d + n_r * (c.enc_layers * 4 * r * e + 4 * m * e)
     if c.cca_layers and c.copy_head:
         dc = c.copy_dim
-        copy = 2 * d * dc + (k * r / m) * 2 * e * dc + 2 * k * r * dc + 2 * d
-        scores += 2 * k * r * dc
+        copy = 2 * d * dc + (k * r / m) * 2 * e * dc + 2 * k * r * dc + 2 * d + 2 * (k * r) ** 2
     forward = decoder + head + cca + encoder + copy
     return {
         "decoder": float(decoder),

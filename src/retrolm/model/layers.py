@@ -13,17 +13,56 @@ from torch import Tensor, nn
 
 
 class Rotary(nn.Module):
-    """Rotary position tables for integer positions (any position: RoPE keeps counting)."""
+    """Rotary position tables for integer positions (any position: RoPE keeps counting).
+
+    The tables of positions 0..n-1 are computed once and kept per (device, dtype); they grow
+    by doubling when a longer span is asked for, so a training step builds none.
+    """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, dtypes) -> cos, sin
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin tables (n, head_dim/2) for `positions` (n,) int64."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (n, hd/2)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (end-start, head_dim/2) of positions start..end-1: views of the cached tables."""
+        key = (self.inv_freq.device, self.inv_freq.dtype, dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or sin is None or cos.shape[0] < end:
+            size = max(end, 2 * (cos.shape[0] if cos is not None else 0), 64)
+            # plain tensors even when called under inference_mode (training may reuse them)
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self(torch.arange(size, device=self.inv_freq.device), dtype)
+            self._tables[key] = (cos, sin)
+        return cos[start:end], sin[start:end]
+
+    def cyclic(self, length: int, period: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Tables (length, head_dim/2) of positions i % period: token i of k neighbours of r."""
+        cos, sin = self.span(0, period, dtype)
+        if length == period:
+            return cos, sin
+        repeats = -(-length // period)
+        return cos.repeat(repeats, 1)[:length], sin.repeat(repeats, 1)[:length]
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32 whatever the input dtype, the result cast back.
+
+    Under bf16 autocast the input arrives in bf16 while the gain stays float32; torch's
+    RMSNorm then warns and falls back to a slow unfused path. Normalising in float32 is
+    also the accurate choice. In float32 (and float64) this is exactly `nn.RMSNorm`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        return F.rms_norm(x.to(dtype), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -41,7 +80,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout: fl
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=safe[:, None, None, :], dropout_p=dropout
     )
-    return torch.where(has_key[:, None, None, None], out, torch.zeros_like(out))
+    return out.masked_fill(~has_key[:, None, None, None], 0.0)
 
 
 class MLP(nn.Module):

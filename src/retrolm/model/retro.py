@@ -30,10 +30,12 @@ from retrolm.model.copy_head import (
     NO_TOKEN,
     NeighbourCopyHead,
     mix,
+    mixture_log_likelihood,
     neighbour_features,
     query_features,
+    successor_mass,
 )
-from retrolm.model.layers import MLP, CrossAttention, LayerKV, Rotary, SelfAttention
+from retrolm.model.layers import MLP, CrossAttention, LayerKV, RMSNorm, Rotary, SelfAttention
 
 RETRIEVAL_MODULES = ("encoder.", "copy_head.")  # top-level retrieval modules
 RETRIEVAL_PARTS = (".cca.", ".norm_cca.")  # retrieval sublayers inside decoder blocks
@@ -49,6 +51,10 @@ def is_retrieval_parameter(name: str) -> bool:
 Context = tuple[Tensor, Tensor, Tensor, int]
 # Per-chunk encoding: (states (B, S, E), mask (B, S), tokens (B, S)).
 Encoded = tuple[Tensor, Tensor, Tensor]
+# The copy head's mixture per position (copy_head.py): log-weights of the neighbour slots
+# (B, t, S), log-weight of the sentinel (B, t), the slots' successor tokens (B, t, S), and
+# the copy mass per distinct successor (B, t, S).
+Mixture = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 # retrieve(chunk_index, chunk_tokens (B, m)) -> (neighbours (B, k, r), mask (B, k, r) | None) | None
@@ -111,13 +117,13 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: RetroConfig, has_cca: bool):
         super().__init__()
         c = config
-        self.norm_attn = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.norm_attn = RMSNorm(c.d_model, eps=c.norm_eps)
         self.attn = SelfAttention(c.d_model, c.n_heads, c.dropout)
-        self.norm_cca = nn.RMSNorm(c.d_model, eps=c.norm_eps) if has_cca else None
+        self.norm_cca = RMSNorm(c.d_model, eps=c.norm_eps) if has_cca else None
         self.cca = (
             CrossAttention(c.d_model, c.enc_d_model, c.n_heads, c.dropout) if has_cca else None
         )
-        self.norm_mlp = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.norm_mlp = RMSNorm(c.d_model, eps=c.norm_eps)
         self.mlp = MLP(c.d_model, c.d_ff, c.mlp)
         self.drop = nn.Dropout(c.dropout)
 
@@ -128,12 +134,12 @@ class EncoderBlock(nn.Module):
     def __init__(self, config: RetroConfig, cross: bool):
         super().__init__()
         c, e = config, config.enc_d_model
-        self.norm_attn = nn.RMSNorm(e, eps=c.norm_eps)
+        self.norm_attn = RMSNorm(e, eps=c.norm_eps)
         self.attn = SelfAttention(e, c.enc_heads, c.dropout)
-        self.norm_cross = nn.RMSNorm(e, eps=c.norm_eps) if cross else None
-        self.norm_ctx = nn.RMSNorm(c.d_model, eps=c.norm_eps) if cross else None
+        self.norm_cross = RMSNorm(e, eps=c.norm_eps) if cross else None
+        self.norm_ctx = RMSNorm(c.d_model, eps=c.norm_eps) if cross else None
         self.cross = CrossAttention(e, c.d_model, c.enc_heads, c.dropout) if cross else None
-        self.norm_mlp = nn.RMSNorm(e, eps=c.norm_eps)
+        self.norm_mlp = RMSNorm(e, eps=c.norm_eps)
         self.mlp = MLP(e, c.enc_d_ff, c.mlp)
 
 
@@ -149,7 +155,7 @@ class NeighbourEncoder(nn.Module):
             else nn.Identity()
         )
         self.blocks = nn.ModuleList(EncoderBlock(c, cross=(j == 0)) for j in range(c.enc_layers))
-        self.norm = nn.RMSNorm(c.enc_d_model, eps=c.norm_eps)
+        self.norm = RMSNorm(c.enc_d_model, eps=c.norm_eps)
         self.rotary = Rotary(c.enc_d_model // c.enc_heads, c.rope_base)
 
     def forward(self, emb: Tensor, mask: Tensor, chunk_states: Tensor) -> Tensor:
@@ -157,7 +163,7 @@ class NeighbourEncoder(nn.Module):
         N, k, r, _ = emb.shape
         x = self.proj_in(emb).reshape(N * k, r, -1)  # (N*k, r, E)
         key_mask = mask.reshape(N * k, r)
-        cos, sin = self.rotary(torch.arange(r, device=emb.device), x.dtype)
+        cos, sin = self.rotary.span(0, r, x.dtype)
         for block in self.blocks:
             x = x + block.attn(block.norm_attn(x), cos, sin, causal=False, key_mask=key_mask)
             if block.cross is not None:  # every neighbour token attends to all m chunk states
@@ -185,7 +191,7 @@ class Retro(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(c, i in cca) for i in range(c.n_layers))
         self.encoder = NeighbourEncoder(c) if cca else None
         self.copy_head = NeighbourCopyHead(c) if cca and c.copy_head else None
-        self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -232,17 +238,13 @@ class Retro(nn.Module):
         source = None
         if retrieval and neighbours is not None and self.encoder is not None:
             source = self._tensor_source(neighbours, neighbour_mask, B, T)
-        logits, decoder_logits = self._run(tokens, 0, None, source)
+        logits, log_probs, mixture = self._run(tokens, 0, None, source)
         loss = None
         if targets is not None:
-            loss = _cross_entropy(logits, targets)
-            weight = self.config.copy_decoder_loss
-            if decoder_logits is not logits and weight > 0:
-                # The decoder alone also learns every token (copying would otherwise starve
-                # it of gradient wherever a neighbour explains the target); added as
-                # w * (ce - ce.detach()) so the reported loss stays the mixture's.
-                own = _cross_entropy(decoder_logits, targets)
-                loss = loss + weight * (own - own.detach())
+            if log_probs is None:  # no copy head at work: the logits are the decoder's
+                loss = _cross_entropy(logits, targets)
+            else:
+                loss = _copy_loss(log_probs, mixture, targets, self.config.copy_decoder_loss)
         return logits, loss
 
     def new_cache(self, batch_size: int) -> RetroCache:
@@ -281,7 +283,7 @@ class Retro(nn.Module):
             else None
         )
         try:
-            logits, _ = self._run(tokens, start, cache, source)
+            logits, _, _ = self._run(tokens, start, cache, source)
         except BaseException:
             cache.rollback(start)  # a failed step (e.g. in retrieve) leaves the cache as it was
             raise
@@ -399,10 +401,11 @@ class Retro(nn.Module):
         start: int,
         cache: RetroCache | None,
         source: Callable[[int, int, Tensor], Encoded] | None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None, Mixture | None]:
+        """Output (B, t, V), and for the copy head the decoder's log-probs and mixture (`_head`)."""
         B, t = tokens.shape
         x = self.drop(self.tok_emb(tokens))  # (B, t, C)
-        cos, sin = self.rotary(torch.arange(start, start + t, device=tokens.device), x.dtype)
+        cos, sin = self.rotary.span(start, start + t, x.dtype)
         context = None
         for i, block in enumerate(self.blocks):
             kv = cache.kv[i] if cache is not None else None
@@ -422,27 +425,53 @@ class Retro(nn.Module):
         cache: RetroCache | None,
         retrieval: bool,
         context: Context | None,
-    ) -> tuple[Tensor, Tensor]:
-        """(output, decoder logits), each (B, t, V); the same tensor without a copy head.
+    ) -> tuple[Tensor, Tensor | None, Mixture | None]:
+        """Output (B, t, V), the decoder's log-probs (B, t, V) and the copy mixture.
 
-        With a copy head and retrieval on, the output holds log-probabilities of the
-        mixture (log-softmax of the logits where no neighbour is readable), so that the
-        values do not depend on where a chunk boundary or a missing neighbour falls.
+        Without a copy head (or with retrieval off) the output is the decoder's logits and
+        the other two are None. With it, the output holds log-probabilities of the mixture
+        (the decoder's log-softmax where no neighbour is readable), so that the values do not
+        depend on where a chunk boundary or a missing neighbour falls; the mixture's parts
+        let `_copy_loss` score targets without the vocabulary-sized output.
         """
         logits = self.lm_head(self.norm(x))  # (B, t, V)
         if self.copy_head is None or not retrieval:
-            return logits, logits
+            return logits, None, None
         dtype = torch.promote_types(logits.dtype, torch.float32)
+        log_probs = torch.log_softmax(logits.to(dtype), dim=-1)  # (B, t, V)
+        mixture = self._mixture(x, tokens, start, cache, context)
+        if mixture is None:
+            return log_probs, log_probs, None
+        _, log_sentinel, successors, mass = mixture
+        # The logits are dead once normalised (log-softmax keeps its output, not its input),
+        # so the output takes their memory instead of a fresh vocabulary-sized tensor.
+        spare = logits if logits.dtype == dtype else None
+        return mix(log_probs, log_sentinel, successors, mass, out=spare), log_probs, mixture
+
+    def _mixture(
+        self,
+        x: Tensor,  # (B, t, C) last hidden states of positions [start, start+t)
+        tokens: Tensor,  # (B, t)
+        start: int,
+        cache: RetroCache | None,
+        context: Context | None,
+    ) -> Mixture | None:
+        """The copy head's weights for positions [start, start+t), or None if none reads a neighbour.
+
+        Positions before m-1 get the sentinel alone (log weight 0, no copy weight).
+        """
+        assert self.copy_head is not None
         if context is None:
-            return torch.log_softmax(logits.to(dtype), dim=-1), logits
+            return None
         m, r, L = self.config.chunk_size, self.config.neighbor_len, max(self.config.copy_match, 1)
         states, mask, nb_tokens, group_lo = context  # (B, G, S, E), (B, G, S), (B, G, S)
         B, G, S = mask.shape
+        t = x.shape[1]
         first_pos = max(start, m - 1)
-        n_new = start + x.shape[1] - first_pos  # positions that read neighbours
+        n_new = start + t - first_pos  # positions that read neighbours
         if n_new <= 0:
-            return torch.log_softmax(logits.to(dtype), dim=-1), logits
-        history = tokens if cache is None else cache.tokens[:, : start + x.shape[1]]  # (B, start+t)
+            return None
+        history = tokens if cache is None else cache.tokens[:, : start + t]  # (B, start+t)
         offset, grouped = self._group(x[:, first_pos - start :], start, group_lo, G)
         positions = torch.arange(G * m, device=x.device) + group_lo * m + m - 1  # (G*m,)
         q_tokens = query_features(history, positions.reshape(G, m), L)  # (B, G, m, L)
@@ -454,15 +483,23 @@ class Retro(nn.Module):
             key_tokens.reshape(B * G, S, L),
             (has_succ & mask).reshape(B * G, S),
         )  # (B*G, m, S), (B*G, m)
-        keep = slice(offset, offset + n_new)
-        log_copy = log_copy.reshape(B, G * m, S)[:, keep]
-        log_sentinel = log_sentinel.reshape(B, G * m)[:, keep]
-        succ = successors[:, :, None, :].expand(B, G, m, S).reshape(B, G * m, S)[:, keep]
-        mixed = mix(logits[:, first_pos - start :], log_copy, log_sentinel, succ)  # (B, n_new, V)
-        if first_pos == start:
-            return mixed, logits
-        head = torch.log_softmax(logits[:, : first_pos - start].to(dtype), dim=-1)
-        return torch.cat([head, mixed], dim=1), logits
+        mass = successor_mass(log_copy, successors.reshape(B * G, S))  # (B*G, m, S)
+        succ = successors[:, :, None, :].expand(B, G, m, S)
+
+        def ungroup(values: Tensor, fill: float) -> Tensor:
+            """(B*G, m, ...) group slots -> (B, t, ...) positions, `fill` before m-1."""
+            kept = values.reshape(B, G * m, *values.shape[2:])[:, offset : offset + n_new]
+            if first_pos == start:
+                return kept
+            head = kept.new_full((B, first_pos - start, *kept.shape[2:]), fill)
+            return torch.cat([head, kept], dim=1)
+
+        return (
+            ungroup(log_copy, float("-inf")),
+            ungroup(log_sentinel, 0.0),
+            ungroup(succ.reshape(B * G, m, S), 0),
+            ungroup(mass, 0.0),
+        )
 
     def _context(
         self,
@@ -525,10 +562,8 @@ class Retro(nn.Module):
         G, S = states.shape[1], states.shape[2]
         first_pos = max(start, m - 1)  # earlier positions attend to nothing
         offset, q = self._group(block.norm_cca(x[:, first_pos - start :]), start, group_lo, G)
-        q_rot = self.rotary(torch.arange(m, device=x.device), x.dtype)  # position inside the group
-        k_rot = self.rotary(
-            torch.arange(S, device=x.device) % r, x.dtype
-        )  # position inside neighbour
+        q_rot = self.rotary.span(0, m, x.dtype)  # position inside the group
+        k_rot = self.rotary.cyclic(S, r, x.dtype)  # position inside the neighbour
         y = block.cca(q, states.reshape(B * G, S, -1), mask.reshape(B * G, S), q_rot, k_rot)
         y = y.reshape(B, G * m, C)[:, offset : offset + t - (first_pos - start)]
         return F.pad(y, (0, 0, first_pos - start, 0))  # (B, t, C)
@@ -540,6 +575,34 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1), ignore_index=-100
     )
+
+
+def _copy_loss(
+    log_probs: Tensor, mixture: Mixture | None, targets: Tensor, decoder_weight: float
+) -> Tensor:
+    """Mean negative log-likelihood of the copy mixture over targets != -100.
+
+    log_probs (B, T, V) the decoder's log-softmax; mixture as from `Retro._mixture` (None:
+    the sentinel everywhere). The decoder alone also learns every token (copying would
+    otherwise starve it of gradient wherever a neighbour explains the target): its loss is
+    added as w * (ce - ce.detach()), so the reported value stays the mixture's. Both read the
+    targets' entries of `log_probs` through one gather, so the backward writes no
+    vocabulary-sized tensor beyond that gather's.
+    """
+    valid = targets != -100
+    picked = targets.clamp_min(0)
+    own = log_probs.gather(-1, picked[..., None]).squeeze(-1)  # (B, T)
+    if mixture is None:
+        mixed = own
+    else:
+        log_copy, log_sentinel, successors, _ = mixture
+        mixed = mixture_log_likelihood(own, log_sentinel, log_copy, successors, picked)
+    count = valid.sum()
+    loss = -torch.where(valid, mixed, 0.0).sum() / count
+    if decoder_weight > 0:
+        own_loss = -torch.where(valid, own, 0.0).sum() / count
+        loss = loss + decoder_weight * (own_loss - own_loss.detach())
+    return loss
 
 
 def _stack_encoded(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from retrolm.errors import RetrolmError
 from retrolm.model.config import RetroConfig, default_cca_layers
 from retrolm.model.layers import LayerKV
-from retrolm.model.retro import Retro
+from retrolm.model.retro import Mixture, Retro, RetroCache
 
 DECODER_KIND = "hf-gpt2"
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_fast")
@@ -112,7 +112,9 @@ class GPT2Retro(Retro):
             block.drop = nn.Identity()  # GPT-2's sublayers apply their own residual dropout
         self.norm = nn.LayerNorm(d, eps=eps)
 
-    def _run(self, tokens: Tensor, start: int, cache: Any, source: Any) -> tuple[Tensor, Tensor]:
+    def _run(
+        self, tokens: Tensor, start: int, cache: RetroCache | None, source: Any
+    ) -> tuple[Tensor, Tensor | None, Mixture | None]:
         """Retro._run with GPT-2's learned positions added to the token embedding."""
         B, t = tokens.shape
         if start + t > self.n_positions:
