@@ -26,12 +26,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrolm.atomic import atomic_path, sha256_file, write_json
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.generation.retrieval import ChunkRetrieval
+    from retrolm.model.config import RetroConfig
 
 # -- settings: everything the demo decides, in one place ---------------------------------------
 
@@ -152,7 +157,7 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return data if data is not None and data.get("finished") else None
 
 
-def _train(db_dir: Path, config: Any, run_dir: Path, settings: dict[str, Any], retrieval: bool,
+def _train(db: RetrievalDB, config: RetroConfig, run_dir: Path, settings: dict[str, Any], retrieval: bool,
            budget: dict[str, Any], progress: bool) -> tuple[dict[str, Any], bool]:  # fmt: skip
     """Train (or resume, or reuse) one run; return its final trainer_state and whether it ran."""
     from retrolm.training.trainer import TrainConfig, train
@@ -164,7 +169,7 @@ def _train(db_dir: Path, config: Any, run_dir: Path, settings: dict[str, Any], r
         return done, False
     cfg = TrainConfig(retrieval=retrieval, resume=True, progress=progress, **settings, **budget)
     log(f"training the {name} into {run_dir} ({', '.join(f'{k} {v}' for k, v in budget.items())})")
-    train(db_dir, config, run_dir, cfg)
+    train(db, config, run_dir, cfg)  # the opened database: not verified again per run
     state = _finished(run_dir)
     if state is None:
         raise RetrolmError(f"training in {run_dir} did not finish; re-run the demo to resume it")
@@ -187,7 +192,7 @@ def _run_stats(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def leakage_controls(db: Any) -> dict[str, Any]:
+def leakage_controls(db: RetrievalDB) -> dict[str, Any]:
     """Check (not just state) the leakage controls on the built database."""
     held_out = {s: set(int(i) for i in db.streams[s].doc_index) for s in db.splits if s != "train"}
     train_docs = set(int(i) for i in db.streams["train"].doc_index)
@@ -213,7 +218,7 @@ def leakage_controls(db: Any) -> dict[str, Any]:
     }
 
 
-def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> dict[str, Any]:
+def training_signal(db: RetrievalDB, seq_len: int, k: int, max_sequences: int = 300) -> dict[str, Any]:
     """How often training rewards reading the neighbours: overlap of train chunks with theirs.
 
     The same measure as the held-out overlap buckets (longest common token run with the
@@ -235,7 +240,7 @@ def training_signal(db: Any, seq_len: int, k: int, max_sequences: int = 300) -> 
 
 
 def _retro_chunks(
-    db: Any, prompt: list[int], new: list[int], retrieval: list[Any]
+    db: RetrievalDB, prompt: list[int], new: list[int], retrieval: list[ChunkRetrieval]
 ) -> list[dict[str, Any]]:
     """RETRO's text chunk by chunk, each with the neighbours it read while writing it.
 
@@ -264,7 +269,7 @@ def _retro_chunks(
     return out
 
 
-def sample_generations(db: Any, runs: dict[str, Path], split: str, sample: SampleSettings,
+def sample_generations(db: RetrievalDB, runs: dict[str, Path], split: str, sample: SampleSettings,
                        k: int) -> dict[str, Any]:  # fmt: skip
     """One sampled continuation per model of the first long enough held-out document's opening."""
     from retrolm.checkpoints import load_checkpoint
@@ -714,7 +719,7 @@ def run_demo(
         for name in ("GPT", "RETRO"):
             t = time.time()
             state, ran = _train(
-                db_dir, config, runs[name], settings, name == "RETRO", budget, progress
+                db, config, runs[name], settings, name == "RETRO", budget, progress
             )
             states[s][name] = state
             label = f"{name} seed {s}"

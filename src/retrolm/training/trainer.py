@@ -40,7 +40,9 @@ from retrolm.training.schedule import LRSchedule, rewarm
 
 if TYPE_CHECKING:
     from retrolm.db.database import RetrievalDB
+    from retrolm.db.dataset import RetroDataset
     from retrolm.model.config import RetroConfig
+    from retrolm.training.replay import ReplayDataset
 
 # What train() starts from: a preset name, a config.json path or checkpoint dir, a
 # RetroConfig, or a model to keep training (e.g. a retro-fitted GPT).
@@ -458,7 +460,7 @@ class _Run:
         return f"interrupted at step {self.step} ({where}); resume with --resume"
 
 
-def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
+def _with_replay(dataset: RetroDataset, cfg: TrainConfig, seq_len: int) -> ReplayDataset:
     """Mix `cfg.replay_share` neighbour-free LM sequences (of `replay_db`, else this database)."""
     from retrolm.db.dataset import RetroDataset
     from retrolm.training.replay import ReplayDataset
