@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from retrolm.atomic import atomic_path, sha256_file, write_json
 from retrolm.demo.numbers import comparison, verdict
 from retrolm.demo.report import plot_buckets, plot_curves, render_report
-from retrolm.demo.settings import RETRO_TIME_RATIO, SampleSettings, resolve_settings
+from retrolm.demo.settings import RETRO_TIME_RATIO, DemoSettings, SampleSettings, resolve_settings
 from retrolm.errors import RetrolmError
 
 if TYPE_CHECKING:
@@ -238,6 +238,23 @@ def _code_version() -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class _Invocation:
+    """What the stages of one `run_demo` call share: settings, run directory, bookkeeping."""
+
+    st: DemoSettings
+    out: Path
+    seeds: int
+    progress: bool
+    t0: float  # time.time() at the start of the invocation
+    timings: dict[str, Any]  # <out>/timings.json: wall time per stage, kept across invocations
+    now: dict[str, bool] = field(default_factory=dict)  # stage -> ran in this invocation
+
+    @property
+    def timings_path(self) -> Path:
+        return self.out / "timings.json"
+
+
 def run_demo(
     corpus: str | None = None,
     out: str | Path = "runs/demo",
@@ -258,162 +275,28 @@ def run_demo(
     `train_overrides` / `model_overrides` change TrainConfig / model config fields (for
     experiments; they are part of the stored plan).
     """
-    from retrolm.checkpoints import FINAL, WEIGHTS
-    from retrolm.db.database import RetrievalDB
-    from retrolm.evaluation.perplexity import evaluate
-    from retrolm.model.config import RetroConfig
-
     t0 = time.time()
-    if minutes is not None and tokens is not None:
-        raise RetrolmError("give --tokens or --minutes, not both")
-    if minutes is not None and minutes <= 0:
-        raise RetrolmError(f"--minutes must be > 0, got {minutes}")
-    if tokens is not None and tokens <= 0:
-        raise RetrolmError(f"--tokens must be > 0, got {tokens}")
-    if seeds < 1:
-        raise RetrolmError(f"--seeds must be >= 1, got {seeds}")
+    _check_arguments(minutes, tokens, seeds)
     st = resolve_settings(tiny, corpus, retriever, tokens, train_overrides, model_overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    timings = {k: v for k, v in timings.items() if k in ("database_s", "train_s", "eval_s", "samples_s",
-                                                         "first_run_s")}  # fmt: skip
-    timings.setdefault("train_s", {})
-    timings.setdefault("eval_s", {})
-    now: dict[str, bool] = {}  # stage -> ran in this invocation
-
-    # 1. database
-    spec = (
-        write_slice(st.corpus, out / "corpus-slice.jsonl", st.corpus_docs)
-        if st.corpus_docs
-        else st.corpus
-    )
-    db_dir = out / "db"
-    manifest = db_dir / "manifest.json"
-    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
-    t = time.time()
-    log(f"database {db_dir} ({st.retriever} retriever, corpus {spec})")
-    db = RetrievalDB.build(spec, db_dir, progress=progress, retriever=st.retriever, overwrite=True,
-                           **{**st.db, "split": tuple(st.db["split"])})  # fmt: skip
-    db_reused = before is not None and manifest.stat().st_mtime_ns == before
-    log(
-        "reusing the complete database"
-        if db_reused
-        else f"database built in {time.time() - t:.0f} s"
-    )
-    if not db_reused:
-        timings["database_s"] = round(time.time() - t, 1)
-    now["database"] = not db_reused
-
-    # 2. plan (stored: a re-run keeps it)
-    config = RetroConfig.from_name(
-        st.model, vocab_size=db.vocab_size, chunk_size=db.chunk_size, **st.overrides
-    )
-    budget_key = {"minutes": minutes} if minutes is not None else {"tokens": st.tokens}
-    key = {"corpus": st.corpus, "corpus_docs": st.corpus_docs, "retriever": st.retriever,
-           "db": {**st.db, "split": list(st.db["split"])}, "model": config.to_dict(), "train": st.train,
-           "budget": budget_key}  # fmt: skip
-
-    def make() -> dict[str, Any]:
-        if minutes is None:
-            return {"gpt_budget": {"tokens": st.tokens}}
-        left = minutes - (time.time() - t0) / 60 - st.eval_reserve_minutes
-        gpt_minutes = max(0.5, left / seeds / (1 + RETRO_TIME_RATIO))
-        if gpt_minutes == 0.5:
-            log(
-                f"only {max(left, 0):.1f} min left after the database: training each GPT for 0.5 min anyway"
-            )
-        return {"gpt_budget": {"minutes": round(gpt_minutes, 3)}}
-
-    plan = _plan(out, key, make)
-
-    # 3. training: per seed a GPT and a RETRO on the same tokens (the seed-0 GPT's count)
+    inv = _Invocation(st, out, seeds, progress, t0, _read_timings(out))
+    db, db_reused = _database_stage(inv)
+    config, plan = _plan_stage(inv, db, minutes)
     seed_runs = [run_dirs(out, s) for s in range(seeds)]
-    states: list[dict[str, dict[str, Any]]] = []
-    budget = dict(plan["gpt_budget"])
-    for s, runs in enumerate(seed_runs):
-        settings = {**st.train, "seed": s}
-        states.append({})
-        for name in ("GPT", "RETRO"):
-            t = time.time()
-            state, ran = _train(
-                db, config, runs[name], settings, name == "RETRO", budget, progress
-            )
-            states[s][name] = state
-            label = f"{name} seed {s}"
-            if ran:
-                timings["train_s"][label] = round(time.time() - t, 1)
-            now[f"train {label}"] = ran
-            budget = {
-                "tokens": int(states[0]["GPT"]["tokens_seen"])
-            }  # everything after: the same tokens
-        write_json(timings_path, timings)
-
-    # 4. evaluation of every seed on the held-out splits (the first is the headline), cached
-    # in <out>/eval_cache.json under the checkpoints' weights and the evaluation code
-    cache_path = out / "eval_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if "entries" not in cache:
-        cache = {"entries": {}}
-    k = int(st.train["k"])
-    common = {"k": k, "splits": list(st.eval_splits), "code": _code_version(),
+    states = _training_stage(inv, db, config, plan, seed_runs)
+    cache = _read_eval_cache(out)
+    common = {"k": int(st.train["k"]), "splits": list(st.eval_splits), "code": _code_version(),
               "db": db.manifest["files"]["tokenizer.json"]["sha256"]}  # fmt: skip
-    per_seed: list[dict[str, Any]] = []
-    for s, runs in enumerate(seed_runs):
-        finals = [runs["GPT"] / FINAL, runs["RETRO"] / FINAL]
-        entry_key = {**common, "weights": [sha256_file(f / WEIGHTS) for f in finals]}
-        entry = cache["entries"].get(f"seed {s}")
-        if entry is not None and entry.get("key") == entry_key:
-            log(f"reusing the evaluation of the seed-{s} checkpoints (eval_cache.json)")
-            now[f"eval seed {s}"] = False
-        else:
-            t = time.time()
-            entry = {
-                "key": entry_key,
-                "eval": {sp: evaluate(db, finals, split=sp, k=k) for sp in st.eval_splits},
-            }
-            cache["entries"][f"seed {s}"] = entry
-            write_json(cache_path, cache)
-            timings["eval_s"][f"seed {s}"] = round(time.time() - t, 1)
-            now[f"eval seed {s}"] = True
-        per_seed.append(entry["eval"])
-
-    # 5. one sampled continuation per model (seed 0), cached the same way
-    headline = st.eval_splits[0]
-    sample_key = {
-        **common,
-        "weights": cache["entries"]["seed 0"]["key"]["weights"],
-        "sample": asdict(st.sample),
-    }
-    if cache.get("samples", {}).get("key") == sample_key:
-        samples = cache["samples"]["samples"]
-        now["samples"] = False
-    else:
-        t = time.time()
-        samples = sample_generations(db, seed_runs[0], headline, st.sample, k)
-        cache["samples"] = {"key": sample_key, "samples": samples}
-        write_json(cache_path, cache)
-        timings["samples_s"] = round(time.time() - t, 1)
-        now["samples"] = True
-
-    # 6. numbers, plots, leakage checks, report
+    per_seed = _evaluation_stage(inv, db, seed_runs, cache, common)
+    samples = _samples_stage(inv, db, seed_runs[0], cache, common)
     table = comparison(per_seed)
-    curve_split = "valid" if "valid" in per_seed[0] else headline
-    points = {}
-    from retrolm.evaluation.perplexity import find_row
-
-    for name in ("GPT", "RETRO"):
-        row = find_row(per_seed[0][curve_split], name)
-        if row:
-            points[name] = (float(states[0][name]["tokens_seen"]), float(row["loss"]))
-    curves = plot_curves(seed_runs, points, curve_split, out / "loss_curves.png")
-    buckets_png = plot_buckets(table[headline], headline, out / "overlap_bpb.png")
+    curves, buckets_png = _plots(inv, table, per_seed, states, seed_runs)
     wall = time.time() - t0
-    if not db_reused and "first_run_s" not in timings:
-        timings["first_run_s"] = round(wall, 1)
-    timings["last_invocation_s"] = round(wall, 1)
-    write_json(timings_path, timings)
+    if not db_reused and "first_run_s" not in inv.timings:
+        inv.timings["first_run_s"] = round(wall, 1)
+    inv.timings["last_invocation_s"] = round(wall, 1)
+    write_json(inv.timings_path, inv.timings)
     summary = {
         "corpus": st.corpus,
         "tiny": tiny,
@@ -426,16 +309,209 @@ def run_demo(
                  for s in range(seeds) for name in ("GPT", "RETRO")},
         "eval": per_seed[0],
         "eval_per_seed": per_seed,
-        "headline_split": headline,
+        "headline_split": st.eval_splits[0],
         "comparison": table,
         "leakage": leakage_controls(db),
-        "training_signal": training_signal(db, int(st.train["seq_len"]), k),
+        "training_signal": training_signal(db, int(st.train["seq_len"]), int(st.train["k"])),
         "samples": samples,
         "loss_curves": curves.name if curves else None,
         "overlap_plot": buckets_png.name if buckets_png else None,
-        "timings": timings,
-        "this_invocation": now,
+        "timings": inv.timings,
+        "this_invocation": inv.now,
     }  # fmt: skip
+    return _write_report(out, summary, wall)
+
+
+def _check_arguments(minutes: float | None, tokens: int | None, seeds: int) -> None:
+    if minutes is not None and tokens is not None:
+        raise RetrolmError("give --tokens or --minutes, not both")
+    if minutes is not None and minutes <= 0:
+        raise RetrolmError(f"--minutes must be > 0, got {minutes}")
+    if tokens is not None and tokens <= 0:
+        raise RetrolmError(f"--tokens must be > 0, got {tokens}")
+    if seeds < 1:
+        raise RetrolmError(f"--seeds must be >= 1, got {seeds}")
+
+
+def _read_timings(out: Path) -> dict[str, Any]:
+    """The stage timings of earlier invocations (per-invocation entries dropped)."""
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings = {k: v for k, v in timings.items() if k in ("database_s", "train_s", "eval_s", "samples_s",
+                                                         "first_run_s")}  # fmt: skip
+    timings.setdefault("train_s", {})
+    timings.setdefault("eval_s", {})
+    return timings
+
+
+def _database_stage(inv: _Invocation) -> tuple[RetrievalDB, bool]:
+    """1. The database (reused when complete); returns it and whether it was reused."""
+    from retrolm.db.database import RetrievalDB
+
+    st, out = inv.st, inv.out
+    spec = (
+        write_slice(st.corpus, out / "corpus-slice.jsonl", st.corpus_docs)
+        if st.corpus_docs
+        else st.corpus
+    )
+    db_dir = out / "db"
+    manifest = db_dir / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    t = time.time()
+    log(f"database {db_dir} ({st.retriever} retriever, corpus {spec})")
+    db = RetrievalDB.build(spec, db_dir, progress=inv.progress, retriever=st.retriever, overwrite=True,
+                           **{**st.db, "split": tuple(st.db["split"])})  # fmt: skip
+    db_reused = before is not None and manifest.stat().st_mtime_ns == before
+    log(
+        "reusing the complete database"
+        if db_reused
+        else f"database built in {time.time() - t:.0f} s"
+    )
+    if not db_reused:
+        inv.timings["database_s"] = round(time.time() - t, 1)
+    inv.now["database"] = not db_reused
+    return db, db_reused
+
+
+def _plan_stage(
+    inv: _Invocation, db: RetrievalDB, minutes: float | None
+) -> tuple[RetroConfig, dict[str, Any]]:
+    """2. The model config and the budget plan (stored: a re-run keeps it)."""
+    from retrolm.model.config import RetroConfig
+
+    st = inv.st
+    config = RetroConfig.from_name(
+        st.model, vocab_size=db.vocab_size, chunk_size=db.chunk_size, **st.overrides
+    )
+    budget_key = {"minutes": minutes} if minutes is not None else {"tokens": st.tokens}
+    key = {"corpus": st.corpus, "corpus_docs": st.corpus_docs, "retriever": st.retriever,
+           "db": {**st.db, "split": list(st.db["split"])}, "model": config.to_dict(), "train": st.train,
+           "budget": budget_key}  # fmt: skip
+
+    def make() -> dict[str, Any]:
+        if minutes is None:
+            return {"gpt_budget": {"tokens": st.tokens}}
+        left = minutes - (time.time() - inv.t0) / 60 - st.eval_reserve_minutes
+        gpt_minutes = max(0.5, left / inv.seeds / (1 + RETRO_TIME_RATIO))
+        if gpt_minutes == 0.5:
+            log(
+                f"only {max(left, 0):.1f} min left after the database: training each GPT for 0.5 min anyway"
+            )
+        return {"gpt_budget": {"minutes": round(gpt_minutes, 3)}}
+
+    return config, _plan(inv.out, key, make)
+
+
+def _training_stage(
+    inv: _Invocation, db: RetrievalDB, config: RetroConfig, plan: dict[str, Any],
+    seed_runs: list[dict[str, Path]],
+) -> list[dict[str, dict[str, Any]]]:  # fmt: skip
+    """3. Per seed a GPT and a RETRO on the same tokens (the seed-0 GPT's count)."""
+    states: list[dict[str, dict[str, Any]]] = []
+    budget = dict(plan["gpt_budget"])
+    for s, runs in enumerate(seed_runs):
+        settings = {**inv.st.train, "seed": s}
+        states.append({})
+        for name in ("GPT", "RETRO"):
+            t = time.time()
+            state, ran = _train(
+                db, config, runs[name], settings, name == "RETRO", budget, inv.progress
+            )
+            states[s][name] = state
+            label = f"{name} seed {s}"
+            if ran:
+                inv.timings["train_s"][label] = round(time.time() - t, 1)
+            inv.now[f"train {label}"] = ran
+            budget = {
+                "tokens": int(states[0]["GPT"]["tokens_seen"])
+            }  # everything after: the same tokens
+        write_json(inv.timings_path, inv.timings)
+    return states
+
+
+def _read_eval_cache(out: Path) -> dict[str, Any]:
+    """<out>/eval_cache.json: evaluations and samples under the checkpoints' weights and code."""
+    path = out / "eval_cache.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if "entries" not in cache:
+        cache = {"entries": {}}
+    return cache
+
+
+def _evaluation_stage(
+    inv: _Invocation, db: RetrievalDB, seed_runs: list[dict[str, Path]], cache: dict[str, Any],
+    common: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """4. Every seed on the held-out splits (the first is the headline), cached."""
+    from retrolm.checkpoints import FINAL, WEIGHTS
+    from retrolm.evaluation.perplexity import evaluate
+
+    per_seed: list[dict[str, Any]] = []
+    for s, runs in enumerate(seed_runs):
+        finals = [runs["GPT"] / FINAL, runs["RETRO"] / FINAL]
+        entry_key = {**common, "weights": [sha256_file(f / WEIGHTS) for f in finals]}
+        entry = cache["entries"].get(f"seed {s}")
+        if entry is not None and entry.get("key") == entry_key:
+            log(f"reusing the evaluation of the seed-{s} checkpoints (eval_cache.json)")
+            inv.now[f"eval seed {s}"] = False
+        else:
+            t = time.time()
+            entry = {
+                "key": entry_key,
+                "eval": {sp: evaluate(db, finals, split=sp, k=common["k"]) for sp in inv.st.eval_splits},
+            }
+            cache["entries"][f"seed {s}"] = entry
+            write_json(inv.out / "eval_cache.json", cache)
+            inv.timings["eval_s"][f"seed {s}"] = round(time.time() - t, 1)
+            inv.now[f"eval seed {s}"] = True
+        per_seed.append(entry["eval"])
+    return per_seed
+
+
+def _samples_stage(
+    inv: _Invocation, db: RetrievalDB, runs: dict[str, Path], cache: dict[str, Any],
+    common: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """5. One sampled continuation per model (seed 0's `runs`), cached the same way."""
+    st = inv.st
+    sample_key = {
+        **common,
+        "weights": cache["entries"]["seed 0"]["key"]["weights"],
+        "sample": asdict(st.sample),
+    }
+    if cache.get("samples", {}).get("key") == sample_key:
+        inv.now["samples"] = False
+        return cache["samples"]["samples"]
+    t = time.time()
+    samples = sample_generations(db, runs, st.eval_splits[0], st.sample, common["k"])
+    cache["samples"] = {"key": sample_key, "samples": samples}
+    write_json(inv.out / "eval_cache.json", cache)
+    inv.timings["samples_s"] = round(time.time() - t, 1)
+    inv.now["samples"] = True
+    return samples
+
+
+def _plots(
+    inv: _Invocation, table: dict[str, Any], per_seed: list[dict[str, Any]],
+    states: list[dict[str, dict[str, Any]]], seed_runs: list[dict[str, Path]],
+) -> tuple[Path | None, Path | None]:  # fmt: skip
+    """6a. Loss curves and the overlap plot (None where there is nothing to draw)."""
+    from retrolm.evaluation.perplexity import find_row
+
+    headline = inv.st.eval_splits[0]
+    curve_split = "valid" if "valid" in per_seed[0] else headline
+    points = {}
+    for name in ("GPT", "RETRO"):
+        row = find_row(per_seed[0][curve_split], name)
+        if row:
+            points[name] = (float(states[0][name]["tokens_seen"]), float(row["loss"]))
+    curves = plot_curves(seed_runs, points, curve_split, inv.out / "loss_curves.png")
+    buckets_png = plot_buckets(table[headline], headline, inv.out / "overlap_bpb.png")
+    return curves, buckets_png
+
+
+def _write_report(out: Path, summary: dict[str, Any], wall: float) -> dict[str, Any]:
+    """6b. The verdict, results.json and report.md; returns the completed summary."""
     summary["verdict"] = verdict(summary)
     write_json(out / "results.json", summary)
     with atomic_path(out / "report.md") as tmp:
