@@ -151,6 +151,7 @@ def train(
 
     `db_path`: the database directory, or a `RetrievalDB` the caller already opened (and
     verified), which is then used as it is rather than opened and hashed a second time.
+    Under torchrun every process runs train() and so opens (or passes) its own.
 
     `model`: preset name, config.json path, checkpoint dir, `RetroConfig`, or an
     `nn.Module` to start from (e.g. a retro-fitted GPT; parameters with
