@@ -57,6 +57,17 @@ def test_bad_inputs(tmp_path):
         read_corpus("builtin:nope")
 
 
+def test_a_builtin_corpus_that_fails_to_import_is_not_called_unknown(monkeypatch):
+    import importlib
+
+    def broken(name):  # the module exists but imports something missing
+        raise ModuleNotFoundError("No module named 'missing_dep'", name="missing_dep")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="missing_dep"):
+        read_corpus("builtin:pydocs")
+
+
 def test_undecodable_bytes_replaced_and_warned(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait")
     with pytest.warns(UserWarning, match="undecodable"):

@@ -238,6 +238,52 @@ def test_full_training_changes_the_decoder_and_retrieval_helps(gpt_dir, twin_db,
     assert not torch.equal(trained.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 
+def test_retrofit_opens_the_database_once_and_builds_eval_data_once(gpt_dir, twin_db, tmp_path,
+                                                                  monkeypatch):
+    import retrolm.db.database as database
+    from retrolm.db.dataset import RetroDataset
+    from retrolm.retrofitting.pipeline import retrofit
+
+    hashed, valid_sets = [], []
+    real_sha, real_init = database.sha256_file, RetroDataset.__init__
+
+    def counting_sha(path):
+        hashed.append(path)
+        return real_sha(path)
+
+    def counting_init(self, db, split, *args, **kwargs):
+        if split == "valid":
+            valid_sets.append(split)
+        real_init(self, db, split, *args, **kwargs)
+
+    monkeypatch.setattr(database, "sha256_file", counting_sha)
+    monkeypatch.setattr(RetroDataset, "__init__", counting_init)
+    retrofit(gpt_dir, twin_db.path, tmp_path / "rf", _train_cfg(tokens=64 * 8), freeze=True,
+             eval_sequences=2)  # fmt: skip
+    files = database.read_manifest(twin_db.path)["files"]
+    assert len(hashed) == len(files)  # one sha256 pass: train() uses the opened database
+    assert valid_sets == ["valid"]  # one set of valid sequences for the five perplexities
+
+
+def test_shared_eval_data_gives_the_same_perplexities(gpt_dir, twin_db):
+    from retrolm.checkpoints import load_checkpoint
+    from retrolm.retrofitting.pipeline import build_retrofit, split_perplexity, valid_sequences
+
+    # CCA not zeroed and k=1 of the 2 stored: the neighbours count, and must be cut to k
+    model, _ = build_retrofit(gpt_dir, twin_db.vocab_size, M, n_neighbors=1, zero_init_cca=False)
+    src = load_checkpoint(gpt_dir)
+    data = valid_sequences(twin_db, 64)
+    for net, retrieval in ((src, False), (model, False), (model, True)):
+        alone = split_perplexity(net, twin_db, retrieval=retrieval, seq_len=64, max_sequences=6)
+        shared = split_perplexity(net, twin_db, retrieval=retrieval, seq_len=64, max_sequences=6,
+                                  data=data)  # fmt: skip
+        assert shared == pytest.approx(alone, rel=1e-6)
+    with_two = split_perplexity(model, twin_db, k=2, seq_len=64, max_sequences=6, data=data)
+    assert with_two != pytest.approx(shared, rel=1e-6)  # k really selects the neighbours used
+    with pytest.raises(RetrolmError, match="out of range"):
+        split_perplexity(model, twin_db, k=3, max_sequences=6, data=data)
+
+
 # -- replay ------------------------------------------------------------------------------------------
 
 

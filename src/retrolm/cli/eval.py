@@ -51,12 +51,8 @@ def eval_command(
                       seq_len=seq_len, device=device, rag=not no_rag,
                       shuffled=not no_shuffled)  # fmt: skip
     if degeneration:
-        try:
-            from retrolm.evaluation.degeneration import evaluate_degeneration
-        except ImportError as err:
-            raise RetrolmError(
-                f"--degeneration needs retrolm.evaluation.degeneration, which this installation lacks ({err})"
-            ) from None
+        from retrolm.evaluation.degeneration import evaluate_degeneration
+
         dirs = [resolve_checkpoint_dir(c) for c in checkpoint]
         result["degeneration"] = evaluate_degeneration(database, dirs, prompts, max_new_tokens=max_new_tokens,
                                                        k=result["k"])  # fmt: skip

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from retrolm.cli.device import device_option, resolve_device
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.tokenizer import Tokenizer
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +57,9 @@ def show_retrieval(res: Any, width: int) -> None:
             typer.echo("  (no neighbours)")
 
 
-def _stream_one(run: Callable[..., Any], tokenizer: Any, prompt: str, stop: list[str] | None) -> Any:
+def _stream_one(
+    run: Callable[..., Any], tokenizer: Tokenizer, prompt: str, stop: list[str] | None
+) -> Any:
     """Print `prompt`, then the continuation as tokens come; return the GenerationResult."""
     from retrolm.generation.decode import TextStream
 

@@ -125,7 +125,9 @@ def read_corpus(spec: str, text_field: str = "text") -> tuple[list[Document], Re
             raise RetrolmError(f"unknown built-in corpus {spec!r}; {BUILTINS_HINT}")
         try:
             module = importlib.import_module(f"retrolm.corpora.{name}")
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as err:
+            if err.name != f"retrolm.corpora.{name}":  # a real bug inside that module: show it
+                raise
             raise RetrolmError(f"unknown built-in corpus {spec!r}; {BUILTINS_HINT}") from None
         docs = list(module.documents())
         if hasattr(module, "sources"):

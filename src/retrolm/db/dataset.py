@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,8 +23,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retrolm.errors import RetrolmError
 
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
 
-def _open_db(path: Path) -> Any:
+
+def _open_db(path: Path) -> RetrievalDB:
     # Sizes are still checked; the sha256 pass already ran where the trainer opened the
     # database, and repeating it in every worker would reread every file each time.
     from retrolm.db.database import RetrievalDB
@@ -58,7 +61,7 @@ class RetroDataset(Dataset):
 
     def __init__(
         self,
-        db: Any,
+        db: str | Path | RetrievalDB,
         split: str,
         seq_len: int,
         k: int = 2,
@@ -67,7 +70,7 @@ class RetroDataset(Dataset):
     ):
         if isinstance(db, (str, Path)):
             self.db_path = Path(db)
-            self._db: Any = None
+            self._db: RetrievalDB | None = None
         else:
             self.db_path = Path(db.path)
             self._db = db
@@ -103,7 +106,7 @@ class RetroDataset(Dataset):
     # -- database access (lazy, per process) ---------------------------------------------
 
     @property
-    def db(self) -> Any:
+    def db(self) -> RetrievalDB:
         if self._db is None:
             self._db = _open_db(self.db_path)
         return self._db
@@ -117,7 +120,7 @@ class RetroDataset(Dataset):
         state["_db"] = None  # memmaps are not shipped to workers, they reopen them
         return state
 
-    def _usable_tokens(self, database: Any) -> int:
+    def _usable_tokens(self, database: RetrievalDB) -> int:
         total = len(database.streams[self.split])
         if self.split == "train":
             return min(total, int(database.lm_train_tokens))

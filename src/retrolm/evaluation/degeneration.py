@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrolm.errors import RetrolmError
 from retrolm.evaluation.metrics import distinct_n, mean_length, repetition_rate
 
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+
 
 def held_out_prompts(
-    db: Any, n_prompts: int, prompt_tokens: int, seed: int = 0, split: str | None = None
+    db: RetrievalDB, n_prompts: int, prompt_tokens: int, seed: int = 0, split: str | None = None
 ) -> list[list[int]]:
     """Token ids of `n_prompts` prompts of `prompt_tokens` tokens from held-out documents.
 
@@ -52,7 +55,7 @@ def held_out_prompts(
 
 
 def evaluate_degeneration(
-    db: Any,
+    db: str | Path | RetrievalDB,
     checkpoint_dirs: list[Path],
     n_prompts: int,
     max_new_tokens: int = 200,

@@ -49,7 +49,9 @@ from retrolm.evaluation.metrics import (
 )
 
 if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
     from retrolm.model.config import RetroConfig
+    from retrolm.model.retro import Retro
 
 MODES_GPT = ("GPT", "RAG_GPT")
 MODES_RETRO = ("RETRO", "RETRO-off", "RETRO-shuffled")
@@ -88,7 +90,7 @@ class EvalData:
         return len(self.chunk_tokens)
 
 
-def prepare(db: Any, split: str, seq_len: int, k: int, max_sequences: int | None = None) -> EvalData:
+def prepare(db: RetrievalDB, split: str, seq_len: int, k: int, max_sequences: int | None = None) -> EvalData:
     """Cut `split` into sequences and compute what every model's evaluation shares."""
     from retrolm.db.dataset import first_k_valid
 
@@ -199,7 +201,7 @@ def _charge(sums: np.ndarray, nll: np.ndarray, positions: np.ndarray, m: int) ->
     np.add.at(sums, positions // m, nll)
 
 
-def score_sequences(model: Any, db: Any, data: EvalData, retrieval: bool, batch_size: int = 8,
+def score_sequences(model: Retro, db: RetrievalDB, data: EvalData, retrieval: bool, batch_size: int = 8,
                     device: str = "cpu", neighbour_ids: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Per-chunk NLL sums (nats, float64 (W,)) of `model` over the split's sequences.
 
@@ -240,7 +242,7 @@ def score_sequences(model: Any, db: Any, data: EvalData, retrieval: bool, batch_
     return sums
 
 
-def rag_inputs(db: Any, data: EvalData, max_len: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def rag_inputs(db: RetrievalDB, data: EvalData, max_len: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """RAG_GPT inputs: (tokens (T,), targets (T,) with -100 where unscored, chunk w) per piece.
 
     One piece per (sequence, chunk w) pair: the chunk's targets inside that sequence.
@@ -270,7 +272,7 @@ def rag_inputs(db: Any, data: EvalData, max_len: int) -> list[tuple[np.ndarray, 
     return pieces
 
 
-def score_rag(model: Any, db: Any, data: EvalData, batch_size: int = 8, device: str = "cpu") -> np.ndarray:
+def score_rag(model: Retro, db: RetrievalDB, data: EvalData, batch_size: int = 8, device: str = "cpu") -> np.ndarray:
     """Per-chunk NLL sums (nats) of a GPT with the top-1 neighbour's text in its context."""
     import torch
     import torch.nn.functional as F
@@ -317,7 +319,7 @@ def _row(name: str, checkpoint: Path, sums: np.ndarray, data: EvalData) -> dict[
 
 
 def evaluate(
-    db: Any,
+    db: str | Path | RetrievalDB,
     checkpoint_dirs: list[str | Path],
     split: str = "valid",
     k: int | None = None,

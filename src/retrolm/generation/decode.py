@@ -80,7 +80,7 @@ class _Row:
 class StopChecker:
     """Detects EOS, stop strings and the token limit after each new token."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] | None, max_new_tokens: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | None, max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.max_new_tokens = max_new_tokens
@@ -121,7 +121,7 @@ class TextStream:
     so each call decodes only the tokens after the last commit (no quadratic cost).
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.sent = ""  # everything returned so far
@@ -167,18 +167,18 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _is_retro(model: Any) -> bool:
+def _is_retro(model: Retro) -> bool:
     return bool(model.config.cca_layers)
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Prompt token ids; an empty prompt starts from EOS (the document separator)."""
     ids = tokenizer.encode(prompt)
     return ids if ids else [tokenizer.eos_id]
 
 
 def decode_tokens(
-    model: Any,
+    model: Retro,
     prompt_ids: list[list[int]],  # B prompts of EQUAL length
     params: SamplingParams,
     checker: StopChecker,
@@ -261,11 +261,11 @@ def _group_by_length(prompt_ids: list[list[int]], batch_size: int) -> list[list[
 
 
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: Retro,
+    tokenizer: Tokenizer,
     prompts: list[str] | str,
     *,
-    db: Any = None,
+    db: RetrievalDB | None = None,
     max_new_tokens: int = 64,
     greedy: bool = False,
     temperature: float = 1.0,

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ChunkRetrieval:
 class OnlineRetriever:
     """`retrieve` callback over a `RetrievalDB` for a batch of B sequences."""
 
-    def __init__(self, db: Any, k: int, batch_size: int, device: torch.device | str = "cpu",
+    def __init__(self, db: RetrievalDB, k: int, batch_size: int, device: torch.device | str = "cpu",
                  memo_size: int = 4096) -> None:
         if k < 1:
             raise RetrolmError(f"k={k}: need at least one neighbour per chunk")
@@ -117,7 +120,7 @@ class OnlineRetriever:
         return out
 
 
-def describe_chunks(db: Any, chunk_ids: list[int], scores: list[float]) -> list[dict[str, Any]]:
+def describe_chunks(db: RetrievalDB, chunk_ids: list[int], scores: list[float]) -> list[dict[str, Any]]:
     """Readable neighbours: chunk id, document id, score, chunk text and continuation text."""
     if not chunk_ids:
         return []

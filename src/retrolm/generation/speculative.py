@@ -32,6 +32,7 @@ from retrolm.generation.sampling import SamplingParams, apply_repetition_penalty
 if TYPE_CHECKING:
     from retrolm.generation.decode import StopChecker, _Row
     from retrolm.generation.retrieval import OnlineRetriever
+    from retrolm.model.retro import Retro
 
 
 def _continuations(source: np.ndarray, suffix: np.ndarray, max_len: int, latest: bool) -> np.ndarray:
@@ -158,7 +159,7 @@ def verify_draft(
 
 
 def decode_speculative(
-    model: Any,
+    model: Retro,
     row: _Row,
     cache: Any,  # RetroCache holding the prompt
     pending: int,  # the model's certain next token (not yet fed)

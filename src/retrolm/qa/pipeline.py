@@ -28,12 +28,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from retrolm.errors import RetrolmError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 from retrolm.qa.data import (
     Passage,
     QAItem,
@@ -75,7 +80,7 @@ class Example:
 class PassageSource:
     """Passages for a question: the item's own, else the database's top-k for a query."""
 
-    def __init__(self, db: Any, tokenizer: Any, k: int, neighbor_len: int, pad_id: int):
+    def __init__(self, db: RetrievalDB | None, tokenizer: Tokenizer, k: int, neighbor_len: int, pad_id: int):
         if k < 1:
             raise RetrolmError(f"--k {k}: need at least one passage per question")
         self.db, self.tokenizer, self.k = db, tokenizer, k
@@ -141,7 +146,7 @@ def build_example(
     mode: str,
     question: str,
     passages: list[Evidence],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     chunk_size: int,
     *,
     reorder: bool = False,
@@ -179,7 +184,7 @@ def build_example(
     return Example(ids, neighbours, mask, passages)
 
 
-def _fit_rag(passages: list[Evidence], question: str, tokenizer: Any, limit: int | None) -> str:
+def _fit_rag(passages: list[Evidence], question: str, tokenizer: Tokenizer, limit: int | None) -> str:
     """rag_prompt, dropping the last passages while it is longer than `limit` tokens."""
     shown = [Passage(p.title, p.text) for p in passages]
     text = rag_prompt(shown, question)
@@ -192,7 +197,7 @@ def _fit_rag(passages: list[Evidence], question: str, tokenizer: Any, limit: int
 # -- generation ----------------------------------------------------------------------------------
 
 
-def _prompt_limit(model: Any, max_new_tokens: int) -> int | None:
+def _prompt_limit(model: Retro, max_new_tokens: int) -> int | None:
     """Longest prompt a model with learned positions can take (None: RoPE, unlimited)."""
     n = getattr(model, "n_positions", None)
     return None if n is None else int(n) - max_new_tokens
@@ -200,8 +205,8 @@ def _prompt_limit(model: Any, max_new_tokens: int) -> int | None:
 
 @torch.no_grad()
 def answer_examples(
-    model: Any,
-    tokenizer: Any,
+    model: Retro,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     *,
     max_new_tokens: int = 16,
@@ -273,14 +278,14 @@ def _fixed_retriever(examples: Sequence[Example], first_chunk: int, r: int, devi
 # -- the evaluation loop ---------------------------------------------------------------------------
 
 
-def iter_reader_for(model: Any) -> str:
+def iter_reader_for(model: Retro) -> str:
     """Iter-RetGen's reader: RAG for a GPT, RETRO++ for a RETRO."""
     return "retro++" if model.config.cca_layers else "rag"
 
 
 def answer_items(
-    model: Any,
-    tokenizer: Any,
+    model: Retro,
+    tokenizer: Tokenizer,
     items: Sequence[QAItem],
     mode: str,
     source: PassageSource | None,
@@ -423,7 +428,7 @@ def select_items(
 def training_batch(
     examples: Sequence[Example],
     answers: Sequence[str],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     chunk_size: int,
     neighbor_len: int,
     with_neighbours: bool,
@@ -461,8 +466,8 @@ def training_batch(
 
 
 def finetune(
-    model: Any,
-    tokenizer: Any,
+    model: Retro,
+    tokenizer: Tokenizer,
     items: Sequence[QAItem],
     mode: str,
     source: PassageSource | None,

@@ -38,6 +38,8 @@ from retrolm.model.retro import Retro, is_retrieval_parameter
 from retrolm.retrofitting.config import RetrofitConfig
 
 if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.db.dataset import RetroDataset
     from retrolm.training.trainer import TrainConfig
 
 REPORT = "retrofit.json"
@@ -196,10 +198,22 @@ def parameter_counts(model: Retro) -> dict[str, Any]:
 # -- perplexity ----------------------------------------------------------------------------------
 
 
+def valid_sequences(db: RetrievalDB, seq_len: int, split: str = "valid") -> RetroDataset:
+    """The sequences `split_perplexity` scores, with every stored neighbour per chunk.
+
+    Built once and shared by every model and mode compared: each model takes the first k
+    of the stored neighbours (the same k a dataset built for that k would give).
+    """
+    from retrolm.db.dataset import RetroDataset
+
+    stored = int(db.neighbors[split].shape[1])
+    return RetroDataset(db, split, seq_len, k=stored, retrieval=True)
+
+
 @torch.no_grad()
 def split_perplexity(
     model: nn.Module,
-    db: Any,
+    db: RetrievalDB,
     split: str = "valid",
     *,
     seq_len: int | None = None,
@@ -207,22 +221,30 @@ def split_perplexity(
     retrieval: bool = True,
     max_sequences: int = 64,
     batch_size: int = 8,
+    data: RetroDataset | None = None,
 ) -> float:
-    """Token perplexity of `model` on the first `max_sequences` sequences of `split`."""
+    """Token perplexity of `model` on the first `max_sequences` sequences of `split`.
+
+    `data`: the sequences to score (from `valid_sequences`), so that several models are
+    compared without rebuilding them; by default they are built from `db` and `split`.
+    """
     from retrolm.db.dataset import RetroDataset
 
     config = model.config
-    seq_len = seq_len or min(int(config.max_seq_len), 4 * int(config.chunk_size))
+    k = k or int(config.n_neighbors)
     use_nb = retrieval and bool(config.cca_layers)
-    data = RetroDataset(db, split, seq_len, k=k or int(config.n_neighbors), retrieval=use_nb)
+    if data is None:
+        seq_len = seq_len or min(int(config.max_seq_len), 4 * int(config.chunk_size))
+        data = RetroDataset(db, split, seq_len, k=k, retrieval=use_nb)
+    elif use_nb and not (data.retrieval and 1 <= k <= data.k):
+        raise RetrolmError(f"--k {k} is out of range: the evaluation data holds {data.k} neighbours")
     n = min(len(data), max_sequences)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for lo in range(0, n, batch_size):
-        items = [data[i] for i in range(lo, min(n, lo + batch_size))]
-        batch = {key: torch.stack([it[key] for it in items]).to(device) for key in items[0]}
+        batch = _batch(data, range(lo, min(n, lo + batch_size)), k if use_nb else 0, device)
         _, loss = model(
             batch["tokens"], batch.get("neighbours"), batch.get("neighbour_mask"),
             batch["targets"], retrieval=use_nb,
@@ -234,17 +256,25 @@ def split_perplexity(
     return math.exp(nll / count)
 
 
-def _gpt_perplexity(src: nn.Module, db: Any, seq_len: int, max_sequences: int) -> float:
-    """Perplexity of an HF causal LM (the untouched source) on the same valid sequences."""
-    from retrolm.db.dataset import RetroDataset
+def _batch(data: RetroDataset, rows: range, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Items `rows` stacked on `device`; the first `k` neighbours per chunk (none if k is 0)."""
+    items = [data[i] for i in rows]
+    batch = {key: torch.stack([it[key] for it in items]) for key in ("tokens", "targets")}
+    if k and "neighbours" in items[0]:
+        for key in ("neighbours", "neighbour_mask"):
+            batch[key] = torch.stack([it[key][:, :k] for it in items])  # (b, l, k, r)
+    return {key: value.to(device) for key, value in batch.items()}
 
-    data = RetroDataset(db, "valid", seq_len, retrieval=False)
+
+def _gpt_perplexity(src: nn.Module, data: RetroDataset, max_sequences: int) -> float:
+    """Perplexity of an HF causal LM (the untouched source) on the same valid sequences."""
+    vocab_size = int(data.db.vocab_size)
     n = min(len(data), max_sequences)
     nll, count = 0.0, 0
     with torch.no_grad():
         for i in range(n):
             item = data[i]
-            logits = src(item["tokens"][None]).logits[0, :, : db.vocab_size]
+            logits = src(item["tokens"][None]).logits[0, :, :vocab_size]
             target = item["targets"]
             nll += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
             count += target.numel()
@@ -313,12 +343,13 @@ def retrofit(
     frozen = {
         name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad
     }
-    kw = dict(seq_len=seq_len, max_sequences=eval_sequences)
+    data = valid_sequences(db, seq_len)  # one set of valid sequences for every comparison
+    kw = dict(seq_len=seq_len, max_sequences=eval_sequences, data=data)
     before = {
         "source": (
             split_perplexity(src, db, retrieval=False, **kw)
             if isinstance(src, Retro)
-            else _gpt_perplexity(src, db, seq_len, eval_sequences)
+            else _gpt_perplexity(src, data, eval_sequences)
         ),
         "retrieval_off": split_perplexity(model, db, retrieval=False, **kw),
         "retrieval_on": split_perplexity(model, db, retrieval=True, **kw),
@@ -327,7 +358,7 @@ def retrofit(
     save_model(model, out / "init")
     cfg = dataclasses.replace(cfg, rewarm=True)
     t0 = time.perf_counter()
-    final = train(db_path, model, out, cfg)
+    final = train(db, model, out, cfg)  # the database opened (and verified) above
     seconds = time.perf_counter() - t0
     trained = load_checkpoint(final)
     if frozen:

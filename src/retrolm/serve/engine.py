@@ -15,10 +15,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from retrolm.checkpoints import FINAL
 from retrolm.serve.body import ApiError
+
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.model.retro import Retro
+    from retrolm.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -44,7 +49,7 @@ class ClientGone(Exception):
 class Engine:
     """The model (eval mode), its tokenizer, the database (RETRO) and the worker thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, db: Any = None, name: str = "retrolm",
+    def __init__(self, model: Retro, tokenizer: Tokenizer, db: RetrievalDB | None = None, name: str = "retrolm",
                  speculative: bool = False) -> None:
         self.model, self.tokenizer, self.db, self.name = model.eval(), tokenizer, db, name
         self.speculative = speculative

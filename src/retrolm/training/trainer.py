@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,16 @@ from retrolm.training.monitor import Monitor, plot_loss, truncate_metrics
 from retrolm.training.optimizer import build_optimizer, set_lr
 from retrolm.training.schedule import LRSchedule, rewarm
 
+if TYPE_CHECKING:
+    from retrolm.db.database import RetrievalDB
+    from retrolm.db.dataset import RetroDataset
+    from retrolm.model.config import RetroConfig
+    from retrolm.training.replay import ReplayDataset
+
+# What train() starts from: a preset name, a config.json path or checkpoint dir, a
+# RetroConfig, or a model to keep training (e.g. a retro-fitted GPT).
+ModelSpec = Union[str, Path, "RetroConfig", nn.Module]
+
 # Stand-in schedule length while a --minutes run is still measuring its speed.
 _UNKNOWN_TOTAL = 10**9
 # Settings that change the training trajectory: a resumed run must keep them.
@@ -52,7 +62,9 @@ _TRAJECTORY_FIELDS = (
 # -- model config ---------------------------------------------------------------------------
 
 
-def resolve_model_config(model: Any, vocab_size: int, chunk_size: int, retrieval: bool) -> Any:
+def resolve_model_config(
+    model: str | Path | RetroConfig, vocab_size: int, chunk_size: int, retrieval: bool
+) -> RetroConfig:
     """RetroConfig for `model` (preset name, config.json path, checkpoint dir or RetroConfig).
 
     Vocabulary size and chunk size come from the database: a preset takes both; an
@@ -130,12 +142,16 @@ def _default_warmup(total_steps: int) -> int:
 
 
 def train(
-    db_path: str | Path,
-    model: Any,
+    db_path: str | Path | RetrievalDB,
+    model: ModelSpec,
     out_dir: str | Path,
     cfg: TrainConfig | None = None,
 ) -> Path:
     """Train `model` on database `db_path` into `out_dir`; return the final checkpoint dir.
+
+    `db_path`: the database directory, or a `RetrievalDB` the caller already opened (and
+    verified), which is then used as it is rather than opened and hashed a second time.
+    Under torchrun every process runs train() and so opens (or passes) its own.
 
     `model`: preset name, config.json path, checkpoint dir, `RetroConfig`, or an
     `nn.Module` to start from (e.g. a retro-fitted GPT; parameters with
@@ -150,7 +166,7 @@ def train(
         raise RetrolmError(f"--out {out_dir} is a file; pass a directory for the run")
     dist = distributed.setup(cfg.device)
     try:
-        return _Run(Path(db_path), model, Path(out_dir), cfg, dist).run()
+        return _Run(db_path, model, Path(out_dir), cfg, dist).run()
     finally:
         distributed.teardown(dist)
 
@@ -158,11 +174,14 @@ def train(
 class _Run:
     """State of one training run; `run()` is the loop."""
 
-    def __init__(self, db_path: Path, model: Any, out_dir: Path, cfg: TrainConfig, dist: Any):
+    def __init__(
+        self, db: str | Path | RetrievalDB, model: ModelSpec, out_dir: Path, cfg: TrainConfig,
+        dist: distributed.DistInfo,
+    ):
         from retrolm.db.dataset import ResumableBatchSampler, RetroDataset
 
         self.cfg, self.dist, self.out_dir = cfg, dist, out_dir
-        self.db = _open_database(db_path)
+        self.db = db if not isinstance(db, (str, Path)) else _open_database(Path(db))
         self.latest = ckpt.latest_checkpoint(out_dir)
         if self.latest is not None and not cfg.resume:
             raise RetrolmError(
@@ -222,7 +241,9 @@ class _Run:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _build_model(self, model: Any, saved: dict[str, Any] | None) -> tuple[nn.Module, Any]:
+    def _build_model(
+        self, model: ModelSpec, saved: dict[str, Any] | None
+    ) -> tuple[nn.Module, LRSchedule | None]:
         from retrolm.checkpoints import check_fits, load_checkpoint, resolve_checkpoint_dir
         from retrolm.model.retro import Retro
 
@@ -440,7 +461,7 @@ class _Run:
         return f"interrupted at step {self.step} ({where}); resume with --resume"
 
 
-def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
+def _with_replay(dataset: RetroDataset, cfg: TrainConfig, seq_len: int) -> ReplayDataset:
     """Mix `cfg.replay_share` neighbour-free LM sequences (of `replay_db`, else this database)."""
     from retrolm.db.dataset import RetroDataset
     from retrolm.training.replay import ReplayDataset
@@ -455,7 +476,7 @@ def _with_replay(dataset: Any, cfg: TrainConfig, seq_len: int) -> Any:
     return ReplayDataset(dataset, replay, cfg.replay_share, cfg.seed)
 
 
-def _open_database(path: Path) -> Any:
+def _open_database(path: Path) -> RetrievalDB:
     from retrolm.db.database import RetrievalDB
 
     if not path.exists():
