@@ -55,7 +55,7 @@ def test_evaluate_degeneration_gpt_and_retro(tiny_db, tmp_path):
 
 
 def test_metrics_are_those_of_the_generations(tiny_db, tmp_path):
-    """Near-greedy decoding of an untrained model loops: Repetition % sees it, per SPEC §2."""
+    """Near-greedy decoding of an untrained model loops: Repetition % sees it, per docs/reference.md §2."""
     ckpt = save_model(tiny_model(tiny_db.vocab_size, retro=True, seed=1), tmp_path / "retro")
     out = evaluate_degeneration(tiny_db, [ckpt], n_prompts=3, max_new_tokens=40, top_p=1e-6,
                                 return_generations=True)

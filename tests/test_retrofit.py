@@ -182,7 +182,7 @@ def test_new_parameters_are_about_ten_percent_for_cpu_small():
     counts = parameter_counts(model)
     assert counts["decoder"] == gpt.num_params()
     assert counts["total"] == model.num_params()
-    assert 0.08 < counts["retrieval_share_of_decoder"] < 0.15  # SPEC §3: ~10% extra
+    assert 0.08 < counts["retrieval_share_of_decoder"] < 0.15  # docs/reference.md §3: ~10% extra
     with pytest.raises(RetrolmError, match="already has CCA"):
         build_retrofit(model, gpt.config.vocab_size, 64)
 

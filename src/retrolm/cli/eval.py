@@ -67,7 +67,7 @@ def eval_command(
 
 
 def _degeneration_markdown(deg: dict, prompts: int, max_new_tokens: int) -> str:
-    lines = [f"Degeneration (SPEC §2): {prompts} held-out prompts, {max_new_tokens} new tokens, top-p 0.9.", "",
+    lines = [f"Degeneration (docs/reference.md §2): {prompts} held-out prompts, {max_new_tokens} new tokens, top-p 0.9.", "",
              "| checkpoint | kind | repetition % | distinct-1 | distinct-2 | mean length |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in deg["checkpoints"]:

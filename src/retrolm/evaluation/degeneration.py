@@ -1,4 +1,4 @@
-"""Degeneration evaluation (SPEC §2): Repetition %, distinct-1/2 and mean length.
+"""Degeneration evaluation (docs/reference.md §2): Repetition %, distinct-1/2 and mean length.
 
 Prompts are the first `prompt_tokens` tokens (default: one chunk, m) of documents from
 the held-out splits (test + valid) of the database (never in the retrieval database), chosen with a seeded

@@ -5,12 +5,12 @@ Pure numpy/python so every stage (eval, generate, qa, demo) can share one defini
 Conventions (see docs/metrics.md):
 - QA answers are normalised the SQuAD way: lowercase, punctuation removed, articles
   (a, an, the) removed, whitespace collapsed. EM and F1 take the max over gold answers.
-- Repetition (SPEC §2): a generation "repeats" when its LAST ``min_count * L`` tokens are
+- Repetition (docs/reference.md §2): a generation "repeats" when its LAST ``min_count * L`` tokens are
   one phrase of ``L >= min_len`` tokens written ``min_count`` times back to back. A loop
   cut off mid-phrase still counts, because the last ``min_count * L`` tokens are then a
   rotation of the phrase repeated; a phrase repeated only twice, or loops that stopped
   before the end, do not count.
-- Overlap (SPEC §1): r(C) = longest common contiguous token run between chunk C and any of
+- Overlap (docs/reference.md §1): r(C) = longest common contiguous token run between chunk C and any of
   its neighbours, divided by m.
 """
 
@@ -94,7 +94,7 @@ def has_repetition(tokens: Sequence[int], min_len: int = 2, min_count: int = 3) 
 def repetition_rate(
     generations: Sequence[Sequence[int]], min_len: int = 2, min_count: int = 3
 ) -> float:
-    """Repetition % (SPEC §2): percent of generations for which has_repetition is True."""
+    """Repetition % (docs/reference.md §2): percent of generations for which has_repetition is True."""
     if len(generations) == 0:
         raise RetrolmError("repetition_rate needs at least one generation")
     hits = sum(has_repetition(g, min_len, min_count) for g in generations)
@@ -184,7 +184,7 @@ def batch_longest_common_substring(
 def chunk_overlap_ratio(
     chunk: Sequence[int], neighbours: Sequence[Sequence[int]], m: int
 ) -> float:
-    """r(C) of SPEC §1: max over neighbours of LCS(chunk, neighbour) / m."""
+    """r(C) of docs/reference.md §1: max over neighbours of LCS(chunk, neighbour) / m."""
     if m <= 0:
         raise RetrolmError("chunk_overlap_ratio needs chunk size m > 0")
     best = max((longest_common_substring(chunk, nb) for nb in neighbours), default=0)

@@ -448,7 +448,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             parts.append(f"RETRO-shuffled / RETRO = {_fmt(gain['shuffled_over_retro'])} "
                          "(above 1: the model reads its neighbours' content)")  # fmt: skip
         lines += ["", f"Retrieval gain of {label or 'RETRO'}: " + "; ".join(parts) + "."]
-    lines += ["", "Overlap buckets (SPEC §1): bpb over chunks with r(C) <= alpha; " + result["overlap_note"] + ".",
+    lines += ["", "Overlap buckets (docs/reference.md §1.1): bpb over chunks with r(C) <= alpha; " + result["overlap_note"] + ".",
               "", "| alpha | share of chunks | " + " | ".join(f"{r['model']} bpb" for r in result["rows"]) + " |",
               "|---|---|" + "---|" * len(result["rows"])]  # fmt: skip
     for i, alpha in enumerate(result["alphas"]):

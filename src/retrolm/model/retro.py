@@ -3,7 +3,7 @@
 With `cca_layers == []`, `retrieval=False` or no neighbours, the CCA residual branches are
 skipped, so the output is exactly the same weights run as a plain GPT.
 
-CCA causality (SPEC §1): with chunk size m, position s >= m-1 attends to the encoded
+CCA causality (docs/reference.md §1): with chunk size m, position s >= m-1 attends to the encoded
 neighbours of chunk u = (s+1)//m - 1, i.e. the last token of chunk u and the first m-1
 tokens of chunk u+1 see chunk u's neighbours; positions 0..m-2 get a zero update. The
 neighbours of chunk u are encoded conditioned on the decoder hidden states of chunk u at

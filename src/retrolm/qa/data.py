@@ -1,7 +1,7 @@
 """QA dataset I/O and passage formatting, shared by `retrolm qa` and the facts corpus.
 
 Format: JSONL, one object per line with `question` (str), `answers` (non-empty list of
-str) and optional `passages` (list of {"title", "text"}). Templates follow SPEC §2
+str) and optional `passages` (list of {"title", "text"}). Templates follow docs/reference.md §2
 (RETRO++) and Jin et al. (strongest passages first and last).
 """
 
@@ -90,7 +90,7 @@ def reorder_passages(passages_best_first: Sequence[T]) -> list[T]:
 
 
 def retro_plus_plus_template(title: str, source: str, question: str, answer: str = "") -> str:
-    """The RETRO++ decoder context of SPEC §2, verbatim."""
+    """The RETRO++ decoder context of docs/reference.md §2, verbatim."""
     return f"title: {title}, source: {source}\n question: {question}\n answer: {answer}"
 
 

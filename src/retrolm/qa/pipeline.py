@@ -1,4 +1,4 @@
-"""Question answering with GPT, RAG_GPT, RETRO, RETRO++ and Iter-RetGen (SPEC §2, §4).
+"""Question answering with GPT, RAG_GPT, RETRO, RETRO++ and Iter-RetGen (docs/reference.md §2, §4).
 
 Every mode answers from the same passages (the item's own, or the top-k chunks the
 database retrieves for the question, each = chunk + continuation) and the same model
@@ -9,7 +9,7 @@ family, so the comparison isolates *where* the evidence goes:
 | closed-book | `question: Q\\n answer:` | nothing |
 | rag | `title: T\\ntext` blocks, then the question (`reorder`: strongest first and last) | nothing |
 | retro | the closed-book prompt | all passages |
-| retro++ | SPEC template with the top-1 passage as `source` | the other passages |
+| retro++ | RETRO++ template (docs/reference.md §2) with the top-1 passage as `source` | the other passages |
 | iter-retgen | a reader (rag by default) answers; question + answer is the second query | as the reader |
 
 RETRO prompts are left-padded with EOS to a multiple of the chunk size m, so the last

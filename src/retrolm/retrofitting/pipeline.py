@@ -1,4 +1,4 @@
-"""Retro-fitting: turn a trained GPT into a RETRO and train the new parts (SPEC §3).
+"""Retro-fitting: turn a trained GPT into a RETRO and train the new parts (docs/reference.md §3).
 
 Sources: a retrolm GPT checkpoint directory (or a run directory holding `final/`), or a
 local Hugging Face GPT-2-family directory (wrapped, see `retrolm.retrofitting.hf_gpt2`). The new

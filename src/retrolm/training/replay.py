@@ -1,6 +1,6 @@
 """Replay for continued training: mix a share of "original data" sequences into a dataset.
 
-Continual pretraining (SPEC §3; Ibrahim et al.) replays a small share of the data the
+Continual pretraining (docs/reference.md §3; Ibrahim et al.) replays a small share of the data the
 model was first trained on. For retro-fitting, that data is plain language modelling
 without retrieval, so a replayed sequence carries no neighbours (all-False mask): the
 CCA branches give a zero update and the step trains the decoder exactly as the source

@@ -1,7 +1,7 @@
 """Learning-rate schedule: linear warm-up, cosine decay to a floor, and re-warm.
 
 Continued training (retro-fitting, more tokens on a finished model) follows the
-continual-pretraining recipe of SPEC §3: re-warm linearly from where the previous run
+continual-pretraining recipe of docs/reference.md §3: re-warm linearly from where the previous run
 ended (its floor) up to the new peak, then re-decay with a cosine. A fresh run is the
 same shape with the warm-up starting at 0.
 """
