@@ -104,6 +104,10 @@ def _resolved(func: Callable[..., Any], param: inspect.Parameter) -> inspect.Par
     return param
 
 
+def _required(param: inspect.Parameter) -> bool:
+    return getattr(param.default, "default", None) is ...
+
+
 def with_dataclass_options(
     cls: type, into: str, exclude: Iterable[str] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -121,7 +125,9 @@ def with_dataclass_options(
             values = {name: kwargs.pop(name) for name in field_names}
             return func(**kwargs, **{into: dataclass_from_options(cls, values)})
 
-        params = generated + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        mine = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        # required options first (help and "missing option" errors list them first)
+        params = sorted(generated + mine, key=lambda p: not _required(p))
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__name__, command.__doc__ = func.__name__, func.__doc__
