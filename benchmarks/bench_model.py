@@ -70,22 +70,30 @@ def batch(config: RetroConfig, B: int, T: int, k: int, device: str):
     return tokens, neighbours
 
 
-def timed_step(model: Retro, tokens, neighbours, device: str, dtype: str) -> Callable[[], float]:
-    """A closure timing one training step: forward + backward + AdamW, in seconds."""
-    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+def optimizer_step(loss_fn: Callable[[], torch.Tensor], optimizer, device: str) -> Callable[[], float]:
+    """A closure timing one training step: `loss_fn()` forward, backward, optimizer; seconds."""
 
     def step() -> float:
         sync(device)
         start = time.perf_counter()
-        with autocast(device, dtype):
-            _, loss = model(tokens, neighbours, targets=tokens)
-        loss.backward()
+        loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         return time.perf_counter() - start
 
     return step
+
+
+def timed_step(model: Retro, tokens, neighbours, device: str, dtype: str) -> Callable[[], float]:
+    """One retrolm training step: forward + backward + AdamW (our parameter groups)."""
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def loss() -> torch.Tensor:
+        with autocast(device, dtype):
+            return model(tokens, neighbours, targets=tokens)[1]
+
+    return optimizer_step(loss, optimizer, device)
 
 
 def interleave(steps: dict[str, Callable[[], float]], iters: int) -> dict[str, list[float]]:
@@ -213,20 +221,9 @@ def matched_config() -> RetroConfig:
 
 
 def lucidrains_step(model, tokens, neighbours, device: str) -> Callable[[], float]:
-    """A closure timing one RETRO-pytorch training step (forward + backward + AdamW)."""
+    """One RETRO-pytorch training step (forward + backward + AdamW)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        sync(device)
-        start = time.perf_counter()
-        loss = model(tokens, neighbours, return_loss=True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        return time.perf_counter() - start
-
-    return step
+    return optimizer_step(lambda: model(tokens, neighbours, return_loss=True), optimizer, device)
 
 
 def bench_lucidrains(args) -> None:
