@@ -118,3 +118,14 @@ def make_tiny_retro(**overrides):
             model.copy_head.match_weight.copy_(torch.tensor([0.2, 0.3]))
             model.copy_head.sentinel_bias.fill_(0.0)
     return model
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts: SIGINT back to its default action.
+
+    A test run started in the background (`cmd &`, some CI runners) inherits SIGINT as
+    ignored, and an ignored signal stays ignored across exec, so Python would never raise
+    KeyboardInterrupt in the child and the Ctrl-C tests would test nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

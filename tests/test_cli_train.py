@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
 from retrolm.cli import main
 from retrolm.training import checkpointing as ckpt
 from retrolm.training.config import TrainConfig
@@ -89,7 +90,8 @@ def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(tiny_db_path, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "retrolm", *_train_args(tiny_db_path, out, "--tokens", str(10_000 * 64),
             "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "2")]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
         while not ckpt.list_checkpoints(out):

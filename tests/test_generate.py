@@ -373,11 +373,13 @@ def test_cli_streams_and_ctrl_c_keeps_what_was_printed(checkpoints, tmp_path):
     import sys
     import time
 
+    from conftest import default_sigint
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "retrolm", "generate", "--checkpoint", str(checkpoints["gpt"]),
          "--prompt", "The otter", "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint,
     )  # fmt: skip
     out = b""
     deadline = time.monotonic() + 120
