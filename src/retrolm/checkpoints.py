@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from retrolm.atomic import atomic_path, sha256_file, write_json
+from retrolm.atomic import atomic_path, read_json_object, sha256_file, write_json
 from retrolm.errors import RetrolmError
 from retrolm.model.config import RetroConfig
 from retrolm.model.retro import Retro
@@ -180,12 +180,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
 
 def trainer_state(directory: Path) -> dict[str, Any] | None:
     """The checkpoint's trainer_state.json, or None when it has none (or it is unreadable)."""
-    file = directory / TRAINER_STATE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(directory / TRAINER_STATE)
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -287,10 +282,12 @@ def tokenizer_sha(directory: Path) -> str | None:
     trained_on = _trained_on(directory)
     if trained_on is None:
         return None
+    from retrolm.db.build import MANIFEST
+
+    manifest = read_json_object(trained_on / MANIFEST) or {}
     try:
-        manifest = json.loads((trained_on / "manifest.json").read_text(encoding="utf-8"))
         return manifest["files"][TOKENIZER]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from retrolm.atomic import atomic_path, sha256_file, write_json
+from retrolm.atomic import atomic_path, read_json_object, sha256_file, write_json
 from retrolm.corpora.reader import SPLITS, Document, dedup_exact, dedup_near, read_corpus, split_of
 from retrolm.db.chunks import ChunkStore, TokenStream, make_chunks, token_dtype
 from retrolm.errors import RetrolmError
@@ -111,15 +111,6 @@ class BuildSettings:
 
 
 # -------------------------------------------------------------------------- the directory
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _legacy(record: dict[str, Any] | None, *keys: str) -> bool:
@@ -241,7 +232,7 @@ def prepare_directory(out: Path, settings: BuildSettings, overwrite: bool) -> di
         raise RetrolmError(f"--out {str(out)!r} is a file; give a directory for the database")
     if not out.exists() or not any(out.iterdir()):
         return _new_state(out, settings)
-    state, manifest = _read_json(out / STATE), _read_json(out / MANIFEST)
+    state, manifest = read_json_object(out / STATE), read_json_object(out / MANIFEST)
     if not is_retrolm_database(state, manifest):
         raise RetrolmError(f"{str(out)!r} is not empty and is not a retrolm database; choose an empty or new --out")
     wanted = settings.to_dict()
