@@ -112,6 +112,24 @@ class StopChecker:
         return text
 
 
+def safe_to_stream(text: str, stops: Sequence[str]) -> str:
+    """The part of a growing `text` that may be shown now: cut at the first stop string,
+    without an incomplete UTF-8 tail (decoded as U+FFFD) or a tail that a stop string
+    might still complete. Streaming in the CLI and in the server both use it."""
+    for s in stops:
+        cut = text.find(s) if s else -1
+        if cut >= 0:
+            text = text[:cut]
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold]
+
+
 class TextStream:
     """Printable pieces of one row's growing text, for streaming output.
 
@@ -130,20 +148,8 @@ class TextStream:
 
     def _safe(self, text: str) -> tuple[str, bool]:
         """(the part of `text` safe to print, whether it is all of `text`)."""
-        full = text
-        for s in self.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
-        text = text.rstrip("\ufffd")
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        text = text[: len(text) - hold]
-        return text, text == full
+        safe = safe_to_stream(text, self.stop)
+        return safe, safe == text
 
     def piece(self, token_ids: Sequence[int]) -> str:
         """New printable text after `token_ids` (all new tokens so far) grew."""

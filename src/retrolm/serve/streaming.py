@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from retrolm.generation.decode import safe_to_stream
 from retrolm.serve.body import ApiError, error_body
 from retrolm.serve.completions import (
     Plan,
@@ -29,22 +30,6 @@ from retrolm.serve.completions import (
 )
 from retrolm.serve.engine import ClientGone, Engine, ServeLimits
 from retrolm.serve.logprobs import TokenLogprobs
-
-
-def held_back(text: str, stops: list[str]) -> str:
-    """The part of `text` safe to stream: drop an incomplete UTF-8 tail and any stop-string prefix."""
-    for s in stops:
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return text[: len(text) - hold]
 
 
 class ChoiceStream:
@@ -72,7 +57,7 @@ class ChoiceStream:
         scores = self.scores
         if scores is not None:
             scores.feed(ids[len(scores.ids) - self.n_prompt :])
-        safe = held_back(self.engine.tokenizer.decode(ids), self.plan.stops)
+        safe = safe_to_stream(self.engine.tokenizer.decode(ids), self.plan.stops)
         if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
             return None
         piece, self.sent = safe[len(self.sent) :], safe
